@@ -1,0 +1,2 @@
+"""Orchestration: the CLI, presets, planning, Ray Tune + Optuna, MLflow tracking, best-config
+selection, reports and benchmarks. Depends on ``trainables``; never the other way round."""

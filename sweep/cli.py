@@ -1,0 +1,265 @@
+"""``python -m sweep``: the command line.
+
+    python -m sweep <preset> [--set key=value ...]    run a preset sweep (e.g. quickstart, nba_cifar)
+    python -m sweep list                              datasets, models, attacks, defenses, presets
+    python -m sweep train --dataset D --model M --epochs N --out DIR
+    python -m sweep run --dataset D --model M --attack A [--defense X] [--set k=v ...] --out DIR
+    python -m sweep report <sweep-id|preset>
+    python -m sweep bench train [--json]
+
+Every command validates its input first and stops with one message naming what is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+COMMANDS = ("list", "train", "run", "report", "bench")
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class UsageError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- --set parsing
+
+def parse_sets(items: list[str], allowed: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``["attack.alpha=0.2", "train.epochs=5"]`` -> ``{"attack": {"alpha": "0.2"}, "train": {...}}``."""
+    out: dict[str, dict[str, str]] = {k: {} for k in allowed}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise UsageError(f"--set {item!r}: expected section.param=value (sections: {', '.join(allowed)})")
+        if section not in allowed:
+            raise UsageError(f"--set {item!r}: unknown section {section!r}; this command takes {', '.join(allowed)}")
+        out[section][name] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_list(args) -> int:
+    from trainables import registry
+    from trainables.data import list_datasets
+    from trainables.models import list_models, model_summary
+    from trainables.params import describe
+
+    _print("datasets:")
+    for row in list_datasets():
+        _print(f"  {row}")
+    _print("models:")
+    for name in list_models():
+        _print(f"  {model_summary(name)}")
+    for title, methods in (("attacks", registry.attacks()), ("defenses", registry.defenses())):
+        _print(f"{title}:")
+        for name, cls in methods.items():
+            _print(f"  {name} ({cls.kind}): {cls.summary}")
+            for pname, tname, default, doc in describe(cls.Params):
+                _print(f"      {pname} [{tname}] = {default!r}  {doc}")
+    _print("presets:")
+    for name, summary in _presets():
+        _print(f"  {name}: {summary}")
+    return 0
+
+
+def _presets() -> list[tuple[str, str]]:
+    import yaml
+    rows = []
+    for p in sorted((Path(__file__).parent / "presets").glob("*.yaml")):
+        try:
+            doc = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError:
+            doc = {}
+        rows.append((p.stem, str(doc.get("description", "")).strip().splitlines()[0] if doc.get("description") else ""))
+    return rows
+
+
+def cmd_train(args) -> int:
+    from trainables.engine import pick_runtime
+    from trainables.stages import _build_attack_stage, resolve_attack_stage
+
+    sets = parse_sets(args.set, ("train",))["train"]
+    if args.epochs is not None:
+        sets["epochs"] = args.epochs
+    spec = resolve_attack_stage(args.dataset, args.model, "none", {}, sets, args.seed)
+    out = Path(args.out)
+    _build_attack_stage(spec, out, cache_dir=args.cache, data_root=args.data_root, rt=pick_runtime(args.device),
+                        progress=lambda m: _print(f"[train {spec.model} {spec.dataset}] {m}"),
+                        epoch_eval_size=args.eval_size)
+    _print(f"wrote {out / 'model.pt'}, {out / 'spec.json'}, {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from trainables.engine import pick_runtime
+    from trainables.stages import (defend, export_artifact, load_attack_artifact, load_external,
+                                   resolve_attack_stage, resolve_defense, run_attack_stage)
+
+    sets = parse_sets(args.set, ("attack", "defense", "train"))
+    clean_fraction = float(sets["defense"].pop("clean_fraction", 0.05))
+    out = Path(args.out)
+    rt = pick_runtime(args.device)
+    # validate everything before any work
+    dspec = resolve_defense(args.defense, sets["defense"], clean_fraction, args.seed) if args.defense else None
+    if args.defense is None and sets["defense"]:
+        raise UsageError("--set defense.* given without --defense")
+    if args.model_file:
+        if not (args.spec and args.defense):
+            raise UsageError("--model-file needs --spec spec.json and --defense")
+        art = load_external(args.model_file, args.spec, attack=args.attack, attack_params=sets["attack"],
+                            data_root=args.data_root, rt=rt, progress=_print)
+    else:
+        if not (args.dataset and args.model and args.attack):
+            raise UsageError("run needs --dataset, --model and --attack (or --model-file/--spec)")
+        spec = resolve_attack_stage(args.dataset, args.model, args.attack, sets["attack"], sets["train"], args.seed)
+        path = run_attack_stage(spec, args.cache, data_root=args.data_root, rt=rt, progress=_print,
+                                epoch_eval_size=args.eval_size)
+        if dspec is None:
+            export_artifact(path, out)
+            _print(f"wrote {out} (attack-stage artifact {path.name})")
+            return 0
+        art = load_attack_artifact(path, data_root=args.data_root)
+    m = defend(art, dspec, out, rt=rt, progress=_print, epoch_eval_size=args.eval_size)
+    b, a = m["before"], m["after"]
+    line = f"BA {100 * b['ba']:.2f}% -> {100 * a['ba']:.2f}%"
+    if "asr" in b:
+        line += f", ASR {100 * b['asr']:.2f}% -> {100 * a['asr']:.2f}%, DER {m['der']:.3f}"
+    _print(f"{line}; wrote {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from sweep import bench
+    return bench.main(args)
+
+
+def cmd_report(args) -> int:
+    from sweep.report import make_report
+    result = make_report(args.sweep, workdir=args.workdir, tracking_uri=args.tracking_uri)
+    _print(str(result))
+    return 0
+
+
+def cmd_preset(argv: list[str]) -> int:
+    from sweep.config import load_preset, format_config, dry_run
+    from sweep.runner import run_sweep
+
+    p = argparse.ArgumentParser(prog="python -m sweep <preset>", description="Run a preset sweep.")
+    p.add_argument("preset", help="a preset name (python -m sweep list) or a path to a preset YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any preset field")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", help="print stage/trial counts and a cost estimate and exit")
+    p.add_argument("--workdir", default=os.environ.get("SWEEP_WORKDIR", "./sweep-runs"),
+                   help="holds mlflow.db, the attack-stage cache, Ray results and reports (default ./sweep-runs)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="join an existing Ray cluster")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from its storage")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the preset's)")
+    args = p.parse_args(argv)
+    cfg = load_preset(args.preset, args.set)
+    if args.print_config:
+        _print(format_config(cfg))
+        return 0
+    if args.dry_run:
+        _print(dry_run(cfg))
+        return 0
+    run_sweep(cfg, workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address,
+              resume=args.resume, experiment=args.experiment)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sweep",
+        description="Backdoor attack/defense experiments and hyperparameter sweeps.\n\n"
+                    "  python -m sweep <preset> [--set key=value ...]   run a preset sweep "
+                    "(quickstart, nba_cifar, dlp_cifar, ...; see `list`)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="{list,train,run,report,bench} or <preset>")
+
+    sub.add_parser("list", help="datasets, models, attacks, defenses (with parameters), presets")
+
+    def common(sp):
+        sp.add_argument("--data-root", default=os.environ.get("SWEEP_DATA_ROOT"),
+                        help="folder holding downloaded datasets (or SWEEP_DATA_ROOT)")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+        sp.add_argument("--eval-size", type=int, default=2000,
+                        help="test images evaluated after each epoch for the log (the final figures use all)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    t = sub.add_parser("train", help="train a clean model")
+    t.add_argument("--dataset", required=True, help="cifar10, cifar100, gtsrb, imagefolder:<path>, synthetic")
+    t.add_argument("--model", default="wrn-16-1")
+    t.add_argument("--epochs", type=int, default=None, help="default: the paper setting, 100")
+    t.add_argument("--out", required=True)
+    t.add_argument("--cache", default=None, help=argparse.SUPPRESS)
+    common(t)
+
+    r = sub.add_parser("run", help="run an attack stage (cached), optionally followed by a defense")
+    r.add_argument("--dataset")
+    r.add_argument("--model", default="wrn-16-1")
+    r.add_argument("--attack", help="badnets, trojannn, blend, cla, sig, refool, cheatkd, none")
+    r.add_argument("--defense", help="ft, fp, mcr, nad, argd, nba, anp, abl, dlp")
+    r.add_argument("--out", required=True)
+    r.add_argument("--cache", default=os.environ.get("SWEEP_CACHE", "./sweep-runs/cache"),
+                   help="attack-stage artifact cache (default ./sweep-runs/cache or SWEEP_CACHE)")
+    r.add_argument("--model-file", help="defend your own model: a state_dict file ...")
+    r.add_argument("--spec", help="... and a spec.json with its 'model' and 'dataset' sections")
+    common(r)
+
+    rep = sub.add_parser("report", help="Pareto fronts, best configs and tables of a finished sweep")
+    rep.add_argument("sweep", help="a sweep id or a preset name (its latest sweep)")
+    rep.add_argument("--workdir", default=os.environ.get("SWEEP_WORKDIR", "./sweep-runs"))
+    rep.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+
+    b = sub.add_parser("bench", help="benchmarks (not tests): `bench train` = training images/s vs a reference loop")
+    b.add_argument("what", choices=["train"])
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--model", default="wrn-16-1")
+    b.add_argument("--images", type=int, default=5120)
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (default min(4, cores))")
+    b.add_argument("--dataset", default="synthetic")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from trainables.artifacts import ArtifactCache  # noqa: F401  (fail fast on a broken install)
+    from trainables.data.base import DataError
+    from trainables.params import ParamError
+    from trainables.rundir import CheckpointError
+
+    expected = (UsageError, ParamError, DataError, CheckpointError, KeyError, FileNotFoundError)
+    try:
+        from sweep.config import ConfigError
+        expected = expected + (ConfigError,)
+    except ImportError:
+        pass
+    try:
+        if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+            return cmd_preset(argv)
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 0
+        return {"list": cmd_list, "train": cmd_train, "run": cmd_run, "report": cmd_report,
+                "bench": cmd_bench}[args.command](args)
+    except expected as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

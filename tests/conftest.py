@@ -1,0 +1,32 @@
+"""Shared fixtures: the synthetic dataset and one clean WRN-16-1 trained on it (session scope,
+so the suite trains it once)."""
+import os
+
+# Ray binds the external interface unless told otherwise; tests stay on 127.0.0.1
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s; deselect with -m 'not slow'")
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    from trainables.data import load_dataset
+    return load_dataset("synthetic")
+
+
+@pytest.fixture(scope="session")
+def trained_clean(synthetic):
+    """(WRN-16-1 trained 6 epochs on the synthetic set, its history)."""
+    from trainables.engine import SGDConfig, pick_runtime, prepare, train
+    from trainables.models import build_model
+
+    rt = pick_runtime("cpu")
+    torch.manual_seed(0)
+    model = prepare(build_model("wrn-16-1", synthetic.num_classes, synthetic.mean, synthetic.std), rt)
+    history = train(model, synthetic.train, SGDConfig(epochs=6, lr=0.05, batch_size=128), rt, seed=0)
+    return model.eval(), history

@@ -1,0 +1,72 @@
+"""The content-addressed artifact cache: one build per hash, corrupt entries rebuilt, locks."""
+import threading
+import time
+
+from trainables.artifacts import ArtifactCache, spec_hash, verify
+
+
+def _writer(calls, payload=b"weights"):
+    def build(tmp):
+        calls.append(1)
+        (tmp / "model.pt").write_bytes(payload)
+        (tmp / "spec.json").write_text("{}")
+    return build
+
+
+def test_hash_is_order_independent():
+    assert spec_hash({"a": 1, "b": [1, 2]}) == spec_hash({"b": [1, 2], "a": 1})
+    assert spec_hash({"a": 1}) != spec_hash({"a": 2})
+
+
+def test_second_request_is_served_from_cache(tmp_path):
+    cache, calls = ArtifactCache(tmp_path), []
+    p1, built1 = cache.get_or_build("h1", _writer(calls))
+    p2, built2 = cache.get_or_build("h1", _writer(calls))
+    assert (built1, built2) == (True, False) and len(calls) == 1 and p1 == p2
+    assert verify(p1) and (p1 / "model.pt").read_bytes() == b"weights"
+
+
+def test_corrupt_entry_is_rebuilt_not_loaded(tmp_path):
+    cache, calls = ArtifactCache(tmp_path), []
+    path, _ = cache.get_or_build("h1", _writer(calls))
+    (path / "model.pt").write_bytes(b"tampered")
+    assert cache.lookup("h1") is None
+    path2, built = cache.get_or_build("h1", _writer(calls))
+    assert built and len(calls) == 2 and (path2 / "model.pt").read_bytes() == b"weights"
+    # a half-written entry (no manifest) is also rebuilt
+    (path2 / "manifest.json").unlink()
+    assert cache.get_or_build("h1", _writer(calls))[1]
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path):
+    cache = ArtifactCache(tmp_path)
+
+    def crash(tmp):
+        (tmp / "model.pt").write_bytes(b"half")
+        raise RuntimeError("killed")
+
+    try:
+        cache.get_or_build("h1", crash)
+    except RuntimeError:
+        pass
+    assert cache.lookup("h1") is None
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".locks")] == []
+
+
+def test_concurrent_requests_build_once(tmp_path):
+    cache, calls = ArtifactCache(tmp_path), []
+
+    def slow_build(tmp):
+        calls.append(1)
+        time.sleep(0.5)
+        (tmp / "model.pt").write_bytes(b"w")
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get_or_build("h", slow_build)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(built for _, built in results) == [False, False, False, True]

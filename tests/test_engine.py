@@ -1,0 +1,140 @@
+"""The training engine, metrics and output directories."""
+import json
+
+import pytest
+import torch
+
+from trainables.data.base import ImageSet
+from trainables.data.loader import batches, random_crop_flip
+from trainables.engine import SGDConfig, TrainingDiverged, accuracy, pick_runtime, prepare, train
+from trainables.metrics import asr_and_ra, backdoor_metrics, der
+from trainables.models import build_model
+from trainables.rundir import CheckpointError, load_model, model_spec, write_run_dir
+
+RT = pick_runtime("cpu")
+
+
+def test_wrn_learns_synthetic_well_above_chance(synthetic, trained_clean):
+    model, history = trained_clean
+    ba = accuracy(model, synthetic.test, RT)
+    # 10 classes: chance is 10%; the run reaches ~80-90% (see conftest for its budget)
+    assert ba >= 0.6, f"BA {ba:.3f} after {len(history)} epochs"
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_training_is_seeded_and_reproducible(synthetic):
+    small = synthetic.train.subset(torch.arange(256))
+    cfg = SGDConfig(epochs=1, lr=0.05, batch_size=64)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        m = prepare(build_model("wrn-16-1", 10, synthetic.mean, synthetic.std), RT)
+        train(m, small, cfg, RT, seed=seed)
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_nan_loss_fails_the_run(synthetic):
+    small = synthetic.train.subset(torch.arange(128))
+    m = prepare(build_model("wrn-16-1", 10), RT)
+
+    def bad_loss(model, x, y, idx):
+        loss = model(x).sum() * float("nan")
+        return loss, {}
+
+    with pytest.raises(TrainingDiverged, match="loss is nan"):
+        train(m, small, SGDConfig(epochs=1, batch_size=64), RT, seed=0, loss_fn=bad_loss)
+
+
+def test_crop_flip_is_a_shifted_and_mirrored_copy():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    out = random_crop_flip(x, gen, pad=2)
+    assert out.shape == x.shape
+    # every output window is some crop of the padded image, possibly mirrored
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        found = any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1))
+                    for oy in range(5) for ox in range(5) for c in [padded[i, :, oy:oy + 8, ox:ox + 8]])
+        assert found
+    again = random_crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    assert torch.equal(out, again)
+
+
+def test_batches_cover_every_index_once():
+    x = torch.zeros(10, 3, 4, 4, dtype=torch.uint8)
+    y = torch.arange(10)
+    seen = torch.cat([idx for _, _, idx in batches(x, y, 3, generator=torch.Generator().manual_seed(0), shuffle=True)])
+    assert sorted(seen.tolist()) == list(range(10))
+
+
+def test_schedules():
+    cos = SGDConfig(epochs=10, lr=0.1)
+    assert cos.lr_at(0) == pytest.approx(0.1) and cos.lr_at(5) == pytest.approx(0.05)
+    nad = SGDConfig(epochs=20, lr=0.1, schedule="piecewise", milestones=(2, 20), lr_values=(0.01, 1e-4))
+    assert [nad.lr_at(e) for e in (0, 1, 2, 19)] == [0.1, 0.1, 0.01, 0.01]
+    step = SGDConfig(epochs=10, lr=1.0, schedule="multistep", milestones=(3, 6), gamma=0.5)
+    assert [step.lr_at(e) for e in (2, 3, 6)] == [1.0, 0.5, 0.25]
+    with pytest.raises(ValueError, match="schedule"):
+        SGDConfig(schedule="linear")
+
+
+def test_asr_excludes_target_class_images():
+    # 4 triggered images: two of the target class (0), two not. A model predicting the target
+    # everywhere has ASR 100% on the non-target ones; counting target images would not change
+    # that, so use a model that predicts target ONLY on the target-class images.
+    true = torch.tensor([0, 0, 1, 2])
+    pred = torch.tensor([0, 0, 1, 2])
+    asr, ra = asr_and_ra(pred, true, target=0)
+    assert asr == 0.0 and ra == 1.0          # would be 50% if target-class images counted
+    asr, ra = asr_and_ra(torch.tensor([0, 0, 0, 2]), true, target=0)
+    assert asr == 0.5 and ra == 0.5
+
+
+def test_backdoor_metrics_filter_target_rows(synthetic, trained_clean):
+    model, _ = trained_clean
+    test = synthetic.test.subset(torch.arange(200))
+    target = 3
+    m_all = backdoor_metrics(model, test, test, target, RT)
+    keep = test.y != target
+    pred = model(test.x[keep].float() / 255).argmax(1)
+    assert m_all["asr"] == pytest.approx((pred == target).float().mean().item(), abs=1e-6)
+
+
+def test_der_formula():
+    before, after = {"ba": 0.80, "asr": 1.0}, {"ba": 0.78, "asr": 0.02}
+    assert der(before, after) == pytest.approx((0.98 - 0.02 + 1) / 2)
+    assert der({"ba": 0.8, "asr": 0.1}, {"ba": 0.9, "asr": 0.5}) == pytest.approx(0.5)
+
+
+def test_run_dir_roundtrip_and_weights_only(tmp_path, synthetic, trained_clean):
+    model, _ = trained_clean
+    spec = {"dataset": "synthetic", "model": model_spec("wrn-16-1", 10, synthetic.mean, synthetic.std)}
+    write_run_dir(tmp_path / "out", model, spec, {"ba": 0.5})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.json", "model.pt", "spec.json"]
+    again = load_model(tmp_path / "out")
+    x = synthetic.test.x[:8].float() / 255
+    assert torch.allclose(again(x), model.eval()(x), atol=1e-5)
+    assert not again.training
+    # a pickle carrying code is refused, not executed
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('executed')",))
+
+    with open(tmp_path / "out" / "model.pt", "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_model(tmp_path / "out")
+
+
+def test_missing_spec_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path)
+    (tmp_path / "spec.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(tmp_path)

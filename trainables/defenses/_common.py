@@ -1,0 +1,62 @@
+"""Pieces several post-training defenses share, written once.
+
+* ``epoch_logger(ctx, stage, model)``: the ``on_epoch`` hook that sends every epoch of every
+  phase to ``ctx.log_epoch`` (which adds test metrics for the LOG only);
+* ``finetune(model, clean, cfg, ctx, stage)``: plain cross-entropy fine-tuning on the clean
+  subset with the engine's loop — FT itself, FP's recovery phase, MCR's second endpoint and the
+  teacher of NAD / ARGD / NBA;
+* ``make_teacher(model, clean, cfg, ctx)``: a fine-tuned, frozen, eval-mode copy (the teacher);
+* ``per_group(weights, n)``: per-layer-group loss weights for a model with ``n`` groups.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+from torch import nn
+
+from trainables.data.base import ImageSet
+from trainables.defenses.base import DefenseContext
+from trainables.engine import SGDConfig, prepare, train
+
+
+def epoch_logger(ctx: DefenseContext, stage: str, model: nn.Module) -> Callable[[int, dict], dict]:
+    """An engine ``on_epoch`` hook: log the epoch's training terms (and test metrics) under
+    ``stage``; what ``ctx.log_epoch`` measured is merged into the engine's history entry."""
+    def on_epoch(epoch: int, logs: dict) -> dict:
+        entry = ctx.log_epoch(stage, dict(logs), model)
+        return {k: v for k, v in entry.items() if k not in logs and k not in ("stage", "step")}
+    return on_epoch
+
+
+def finetune(model: nn.Module, clean: ImageSet, cfg: SGDConfig, ctx: DefenseContext, stage: str,
+             *, seed: int | None = None, augment: bool = True) -> list[dict]:
+    """Fine-tune ``model`` IN PLACE with cross-entropy on ``clean`` (crop + flip by default),
+    logging each epoch to ``ctx`` under ``stage``; the model ends in eval mode.
+
+    ``seed`` defaults to ``ctx.seed`` (batches and augmentation). Returns the engine's history.
+    """
+    prepare(model, ctx.rt)
+    history = train(model, clean, cfg, ctx.rt, seed=ctx.seed if seed is None else seed,
+                    augment=augment, on_epoch=epoch_logger(ctx, stage, model))
+    model.eval()
+    return history
+
+
+def make_teacher(model: nn.Module, clean: ImageSet, cfg: SGDConfig, ctx: DefenseContext,
+                 stage: str = "teacher") -> nn.Module:
+    """A fine-tuned COPY of ``model`` (NAD / ARGD / NBA step 1), frozen and in eval mode;
+    ``model`` itself is left untouched."""
+    teacher = copy.deepcopy(model)
+    finetune(teacher, clean, cfg, ctx, stage)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def per_group(weights: tuple[float, ...], groups: int) -> tuple[float, ...]:
+    """Map per-layer-group weights given for the paper's three groups onto ``groups`` groups:
+    the first ``groups`` values are used and the last value is repeated for any extra group
+    (e.g. NAD's β = (500, 1000, 1000) on a 4-group ResNet-18 is (500, 1000, 1000, 1000))."""
+    if not weights:
+        raise ValueError("need at least one per-group weight")
+    return tuple(weights[min(i, len(weights) - 1)] for i in range(groups))

@@ -1,0 +1,68 @@
+"""The defense contract (DESIGN.md).
+
+A defense module defines ``Params`` (a frozen dataclass, paper defaults on every field) and a
+class extending ``Defense`` decorated with ``@register_defense``; ``run(ctx)`` returns the
+repaired (post-training) or newly trained (training-time) model.
+
+The context never holds the test set. ``ctx.evaluate`` measures test BA/ASR/RA for the per-epoch
+LOG only; a defense must not base any decision on it (selection uses the clean subset only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from trainables.data.base import ImageSet
+from trainables.engine import Runtime
+
+
+@dataclass
+class DefenseContext:
+    rt: Runtime
+    seed: int
+    num_classes: int
+    # post-training: the suspicious model (the defense's own copy) and the clean subset
+    model: nn.Module | None = None
+    clean: ImageSet | None = None
+    # training-time: the poisoned training set (poisoned labels) and a fresh-model builder
+    train: ImageSet | None = None
+    build_model: Callable[[], nn.Module] | None = None
+    # logging only: test metrics of a model, and how well a suspected-poison set matches the truth
+    evaluate: Callable[[nn.Module], dict] = lambda model: {}
+    score_filter: Callable[[torch.Tensor], dict] = lambda index: {}
+    # oracle for ablations only (NBA Table 5): the attack's trigger on a float batch
+    oracle_trigger: Callable[[torch.Tensor], torch.Tensor] | None = None
+    report: Callable[[dict], None] = lambda logs: None
+    progress: Callable[[str], None] = print
+    history: list = field(default_factory=list)
+
+    def log_epoch(self, stage: str, logs: dict, model: nn.Module | None = None) -> dict:
+        """Record one epoch: the defense's own terms plus (if ``model``) test metrics for the
+        log. Every defense calls this once per epoch; the stage forwards it to Tune/MLflow."""
+        entry = {"stage": stage, **logs}
+        if model is not None:
+            entry.update(self.evaluate(model))
+        entry["step"] = len(self.history) + 1
+        self.history.append(entry)
+        self.report(entry)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in entry.items()
+                         if isinstance(v, float) and k not in ("seconds", "lr"))
+        self.progress(f"[{stage}] step {entry['step']} {shown}")
+        return entry
+
+
+class Defense:
+    name: ClassVar[str]
+    kind: ClassVar[str]                     # "post-training" | "training-time"
+    Params: ClassVar[type]
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def __init__(self, params):
+        self.params = params
+
+    def run(self, ctx: DefenseContext) -> nn.Module:
+        raise NotImplementedError  # every registered defense overrides this

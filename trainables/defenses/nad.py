@@ -1,0 +1,93 @@
+"""NAD: neural attention distillation (Li et al., ICLR 2021).
+
+1. Teacher = the backdoored model fine-tuned on the clean subset (CE only, 10 epochs, lr 0.01).
+2. Student = the backdoored model itself, trained on the clean subset to match the teacher's
+   attention maps at every layer group while fitting the labels:
+
+       L = CE(S(x), y) + Σ_l β_l · || A(F_l^S) − A(F_l^T) ||²          (NAD Eq. 3)
+
+   with ``A(F) = Σ_c |F_c|^p`` flattened and L2-normalised (Eq. 1, p = 2; ``losses.attention_loss``,
+   the MSE over the H·W positions, as in NAD's code).
+
+Paper setting: β = (500, 1000, 1000) for WRN-16-1's three groups, 20 epochs, batch 64, SGD lr 0.1
+→ 0.01 at epoch 2 → 1e-4 at epoch 20 (NAD's ``adjust_learning_rate``: with 20 epochs the last
+value is never reached), momentum 0.9, nesterov, weight decay 1e-4, crop + flip augmentation.
+
+Choices where the paper is silent or the model differs:
+* models with another number of layer groups: β is given per group for the first groups and its
+  last value is repeated for any extra group (``_common.per_group``); no architecture branch;
+* the teacher's fine-tuning uses a constant lr 0.01, batch 64, momentum 0.9, nesterov, wd 1e-4;
+  the teacher runs in eval mode during distillation (as in NAD's code);
+* NAD's small cutout augmentation is not applied (crop + flip only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainables.defenses._common import epoch_logger, make_teacher, per_group
+from trainables.defenses.base import Defense, DefenseContext
+from trainables.engine import SGDConfig, prepare, train
+from trainables.losses import attention_loss
+from trainables.params import param
+from trainables.registry import register_defense
+
+
+@dataclass(frozen=True)
+class Params:
+    beta: tuple[float, ...] = param((500.0, 1000.0, 1000.0),
+                                    "attention-loss weight per layer group (NAD: 500, 1000, 1000; last repeated)")
+    p: float = param(2.0, "attention-map exponent p (NAD: 2)", low=0.5, high=8.0)
+    epochs: int = param(20, "distillation epochs (NAD: 20)", low=1, high=500)
+    lr: float = param(0.1, "initial distillation lr (NAD: 0.1)", low=1e-5, high=1.0)
+    milestones: tuple[int, ...] = param((2, 20), "epochs where the lr changes (NAD: 2, 20)")
+    lr_values: tuple[float, ...] = param((0.01, 1e-4), "lr from each milestone on (NAD: 0.01, 1e-4)")
+    batch_size: int = param(64, "batch size (NAD: 64)", low=1)
+    weight_decay: float = param(1e-4, "SGD weight decay (NAD: 1e-4)", low=0.0, high=0.1)
+    teacher_epochs: int = param(10, "teacher fine-tuning epochs (NAD: 10)", low=0, high=500)
+    teacher_lr: float = param(0.01, "teacher fine-tuning lr (NAD: 0.01)", low=1e-5, high=1.0)
+
+    def __post_init__(self):
+        if len(self.milestones) != len(self.lr_values):
+            raise ValueError("milestones and lr_values need the same length")
+
+    def student_sgd(self) -> SGDConfig:
+        return SGDConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=0.9,
+                         weight_decay=self.weight_decay, nesterov=True, schedule="piecewise",
+                         milestones=self.milestones, lr_values=self.lr_values)
+
+    def teacher_sgd(self) -> SGDConfig:
+        return SGDConfig(epochs=self.teacher_epochs, lr=self.teacher_lr, batch_size=self.batch_size,
+                         momentum=0.9, weight_decay=self.weight_decay, nesterov=True, schedule="constant")
+
+
+def nad_loss(teacher: nn.Module, beta: tuple[float, ...], p: float):
+    """The engine ``loss_fn`` of NAD Eq. 3."""
+    def loss_fn(student: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+        feats_s, logits = student.features(x)
+        with torch.no_grad():
+            feats_t, _ = teacher.features(x)
+        ce = nn.functional.cross_entropy(logits.float(), y)
+        weights = per_group(beta, len(feats_s))
+        at = sum(w * attention_loss(fs, ft, p) for w, fs, ft in zip(weights, feats_s, feats_t))
+        return ce + at, {"ce": ce, "at": at}
+    return loss_fn
+
+
+@register_defense
+class NAD(Defense):
+    name = "nad"
+    kind = "post-training"
+    Params = Params
+    summary = "distil a fine-tuned teacher's attention maps into the backdoored model"
+    paper = "Li et al., Neural Attention Distillation, ICLR 2021"
+
+    def run(self, ctx: DefenseContext) -> nn.Module:
+        p = self.params
+        student = prepare(ctx.model, ctx.rt)
+        teacher = make_teacher(student, ctx.clean, p.teacher_sgd(), ctx, stage="nad-teacher")
+        train(student, ctx.clean, p.student_sgd(), ctx.rt, seed=ctx.seed + 1,
+              loss_fn=nad_loss(teacher, p.beta, p.p), on_epoch=epoch_logger(ctx, "nad", student))
+        return student.eval()

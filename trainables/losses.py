@@ -1,0 +1,127 @@
+"""Shared mechanics of the distillation and repair defenses, written once.
+
+Attention maps (NAD, ARGD), Gram matrices (NBA's response behaviour), FSP matrices (NBA's
+learning behaviour), temperature KD (NBA's prediction behaviour, CheatKD's logit-KD baseline),
+untargeted PGD (NBA's pseudo samples, CLA's perturbations) and BatchNorm recalibration (MCR).
+Feature maps are ``B×C×H×W`` tensors from ``model.features``; every loss averages over the batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.data.loader import batches
+
+
+# ----------------------------------------------------------------------------- attention (NAD)
+
+def attention_map(feat: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """``A(F) = Σ_c |F_c|^p``, flattened and L2-normalised per sample (NAD Eq. 1): B×(H·W)."""
+    am = feat.float().abs().pow(p).sum(dim=1).flatten(1)
+    return F.normalize(am, dim=1)
+
+
+def attention_loss(feat_s: torch.Tensor, feat_t: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """NAD's per-layer term: MSE between the student's and the (detached) teacher's maps."""
+    return F.mse_loss(attention_map(feat_s, p), attention_map(feat_t.detach(), p))
+
+
+# ----------------------------------------------------------------------------- Gram (NBA RNB)
+
+def gram_matrix(feat: torch.Tensor) -> torch.Tensor:
+    """Unnormalised per-sample Gram matrix ``G_ij = Σ_k F_ik F_jk`` (k over H·W): B×C×C."""
+    f = feat.float().flatten(2)
+    return f @ f.transpose(1, 2)
+
+
+def gram_style_loss(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
+    """Gatys et al.'s style loss as NBA Eq. 3 prints it (sum over the C×C entries):
+    ``Σ_ij (G^T_ij − G^S_ij)² / (4 C² (HW)²)``, averaged over the batch."""
+    b, c, h, w = feat_s.shape
+    diff = gram_matrix(feat_t.detach()) - gram_matrix(feat_s)
+    return diff.pow(2).sum(dim=(1, 2)).mean() / (4.0 * c * c * (h * w) ** 2)
+
+
+# ----------------------------------------------------------------------------- FSP (NBA LNB)
+
+def fsp_matrix(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
+    """Flow-of-solution-procedure matrix of Yim et al. 2017 between two layer groups:
+    ``feat_a`` is average-pooled to ``feat_b``'s spatial size, then ``F_a F_bᵀ / (H W)``: B×C_a×C_b."""
+    h, w = feat_b.shape[-2:]
+    if feat_a.shape[-2:] != (h, w):
+        feat_a = F.adaptive_avg_pool2d(feat_a.float(), (h, w))
+    a, b = feat_a.float().flatten(2), feat_b.float().flatten(2)
+    return a @ b.transpose(1, 2) / (h * w)
+
+
+def fsp_loss(feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> torch.Tensor:
+    """``Σ_l mean((M^T_l − M^S_l)²)`` over adjacent layer-group pairs (teacher detached)."""
+    total = feats_s[0].new_zeros((), dtype=torch.float32)
+    for l in range(len(feats_s) - 1):
+        m_t = fsp_matrix(feats_t[l].detach(), feats_t[l + 1].detach())
+        m_s = fsp_matrix(feats_s[l], feats_s[l + 1])
+        total = total + (m_t - m_s).pow(2).mean()
+    return total
+
+
+# ----------------------------------------------------------------------------- KD (Hinton)
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
+    """``KL(softmax(u/T) || softmax(z/T))·T²`` with u the (detached) teacher logits."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    p_t = F.softmax(teacher_logits.detach().float() / t, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * t * t
+
+
+# ----------------------------------------------------------------------------- PGD
+
+def pgd_untargeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float,
+                   steps: int, random_start: bool = True, generator: torch.Generator | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Untargeted L∞ PGD in pixel space: maximise CE(model(x+δ), y), ||δ||∞ ≤ eps, x+δ ∈ [0,1].
+
+    The model's mode is left as the caller set it, and gradients reach only δ (the model's
+    parameter grads are untouched). ``mask`` (B×1×H×W or broadcastable) limits where δ may act.
+    Returns the perturbed images, detached.
+    """
+    x = x.detach().float()
+    if random_start:
+        delta = (torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1) * eps
+    else:
+        delta = torch.zeros_like(x)
+    if mask is not None:
+        delta = delta * mask
+    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x + delta).float(), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            g = grad.sign() if mask is None else grad.sign() * mask
+            delta += step * g
+            delta.clamp_(-eps, eps)
+            delta.copy_((x + delta).clamp(0, 1) - x)
+    return (x + delta).detach()
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x_u8: torch.Tensor, batch_size: int = 128, channels_last: bool = False) -> None:
+    """Recompute every BatchNorm's running statistics from ``x_u8`` (cumulative average), as MCR
+    does at a curve point; the model is left in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None                      # None = exact cumulative average
+    model.train()
+    y = torch.zeros(len(x_u8), dtype=torch.long, device=x_u8.device)
+    for xb, _, _ in batches(x_u8, y, batch_size):
+        model(xb.contiguous(memory_format=torch.channels_last) if channels_last else xb)
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.eval()
