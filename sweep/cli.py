@@ -47,13 +47,13 @@ def parse_sets(items: list[str], allowed: tuple[str, ...]) -> dict[str, dict[str
 
 def cmd_list(args) -> int:
     from trainables import registry
-    from trainables.data import list_datasets
+    from trainables.data import describe_datasets
     from trainables.models import list_models, model_summary
     from trainables.params import describe
 
     _print("datasets:")
-    for row in list_datasets():
-        _print(f"  {row}")
+    for name, doc in describe_datasets().items():
+        _print(f"  {name}: {doc}")
     _print("models:")
     for name in list_models():
         _print(f"  {model_summary(name)}")

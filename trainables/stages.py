@@ -25,7 +25,8 @@ import torch
 from trainables import registry
 from trainables.artifacts import ArtifactCache, spec_hash
 from trainables.attacks.base import Attack, FitContext, poison_training_set, triggered_test_set
-from trainables.data import load_dataset
+from trainables.data import check_dataset_name, load_dataset
+from trainables.data.base import DataError
 from trainables.data.base import Dataset, ImageSet
 from trainables.data.splits import clean_subset
 from trainables.defenses.base import DefenseContext
@@ -78,13 +79,10 @@ class DefenseStageSpec:
 
 
 def _check_dataset_name(name: str) -> None:
-    if not isinstance(name, str) or not name:
-        raise ParamError("dataset: a name is required")
-    base = name.split(":", 1)[0]
-    if base not in ("cifar10", "cifar100", "gtsrb", "imagefolder", "synthetic"):
-        raise ParamError(f"unknown dataset {name!r}; known: cifar10, cifar100, gtsrb, imagefolder:<path>, synthetic")
-    if base == "imagefolder" and not name[len("imagefolder:"):]:
-        raise ParamError("dataset imagefolder:<path> needs a path")
+    try:
+        check_dataset_name(name)
+    except DataError as e:
+        raise ParamError(f"dataset: {e}") from None
 
 
 def _check_model_name(name: str) -> None:

@@ -98,7 +98,14 @@ class Attack:
 
     def post_train(self, ctx: FitContext, model: nn.Module, model_spec: dict, train: ImageSet,
                    evaluate: Callable[[nn.Module], dict]) -> PostTrainResult | None:
-        """Work after the backdoored model is trained (CheatKD distils its student here)."""
+        """Work after the backdoored model is trained (CheatKD distils its student here).
+
+        ``model``: the trained backdoored model (on ``ctx.rt``'s device); ``model_spec``: its
+        ``rundir.model_spec`` section (name, num_classes, mean, std); ``train``: the CLEAN
+        training set, i.e. the original images with their original labels, no trigger and no
+        relabelling (the rows that were poisoned appear in their clean form); ``evaluate(m)``:
+        ``{"ba", "asr", "ra"}`` of a model on the test set. Returns extra metrics and models.
+        """
         return None
 
     # -- state -----------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def save(path: Path, source: Path, fp: str, payload: dict[str, Any]) -> bool:
         os.replace(tmp, path)
         tmp = None
         return True
-    except OSError as exc:
+    except Exception as exc:  # a full disk, a read-only or vanished directory, ...
         warnings.warn(f"could not write the dataset cache {path}: {exc}", RuntimeWarning, stacklevel=3)
         return False
     finally:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -26,6 +27,16 @@ def resize_uint8(img: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     return F.resize(img, [size, size], antialias=True)
 
 
+def _torchvision_io():
+    """(ImageReadMode, decode_image, decode_jpeg) from torchvision.io, or None where it is gone
+    (deprecated since torchvision 0.29): everything then decodes with PIL."""
+    try:
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    except Exception:  # pragma: no cover - future torchvision
+        return None
+    return ImageReadMode, decode_image, decode_jpeg
+
+
 def _decode_with_pil(path: str) -> torch.Tensor:
     from PIL import Image
 
@@ -43,12 +54,12 @@ def _reason(exc: Exception) -> str:
 
 def decode_file(path: str, data: torch.Tensor | None = None) -> torch.Tensor:
     """One image file as uint8 (3, H, W) RGB; a file that cannot be decoded is a DataError naming it."""
-    from torchvision.io import ImageReadMode, decode_image
-
     first: Exception | None = None
-    if path.lower().endswith(_TORCHVISION_FORMATS):
+    tv = _torchvision_io()
+    if tv is not None and path.lower().endswith(_TORCHVISION_FORMATS):
+        mode, decode_image, _ = tv
         try:
-            return decode_image(_read(path) if data is None else data, mode=ImageReadMode.RGB)
+            return decode_image(_read(path) if data is None else data, mode=mode.RGB)
         except DataError:
             raise
         except Exception as exc:  # try PIL before giving up (e.g. a PNG named .jpg still decodes)
@@ -71,13 +82,13 @@ def _read(path: str) -> torch.Tensor:
 
 
 def _decode_chunk(paths: Sequence[str], size: int) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     datas = [_read(p) for p in paths]
     images = None
-    if all(p.lower().endswith(_JPEG) for p in paths):
+    tv = _torchvision_io()
+    if tv is not None and all(p.lower().endswith(_JPEG) for p in paths):
+        mode, _, decode_jpeg = tv
         try:  # batched libjpeg decode: the fast path for the usual all-JPEG folder
-            images = decode_jpeg(datas, mode=ImageReadMode.RGB)
+            images = decode_jpeg(datas, mode=mode.RGB)
         except Exception:
             images = None  # fall back to one file at a time, which names the bad file
     if images is None:
@@ -101,13 +112,17 @@ def decode_files(paths: Sequence[str], size: int = IMAGE_SIZE) -> torch.Tensor:
         out[start : start + _CHUNK] = _decode_chunk(paths[start : start + _CHUNK], size)
 
     workers = min(8, 2 * (os.cpu_count() or 1), len(starts))
-    if workers <= 1:
-        for start in starts:
-            work(start)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(work, starts):  # re-raises the first DataError
-                pass
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates torchvision.io decoding (one warning per call); PIL is the
+        # fallback the day it is removed, see _torchvision_io.
+        warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision are deprecated")
+        if workers <= 1:
+            for start in starts:
+                work(start)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for _ in pool.map(work, starts):  # re-raises the first DataError
+                    pass
     return out
 
 

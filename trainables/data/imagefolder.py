@@ -58,8 +58,11 @@ def _scan_class(class_dir: str, rel_prefix: str, out: list[tuple[str, str, int, 
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
-    with os.scandir(split_dir) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    try:
+        with os.scandir(split_dir) as it:
+            return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    except OSError as exc:
+        raise DataError(f"cannot list image folder {split_dir}: {exc.strerror or exc}") from None
 
 
 def scan(path: str | os.PathLike) -> tuple[Path, tuple[str, ...], dict[str, list[tuple[str, str, int, int, int]]]]:

@@ -49,6 +49,8 @@ from trainables.registry import register_defense
 class Params:
     vertex_weights: tuple[float, ...] = param((2000.0, 5000.0, 2000.0),
                                               "vertex (attention) weight per layer group (ARGD: 2000, 5000, 2000)")
+    vertex_scale: float = param(1.0, "multiplier on every vertex weight (1 = the paper's; one knob for sweeps)",
+                                low=0.0, high=1e3)
     edge_weight: float = param(1.0, "weight of the edge term (SPEC: 1)", low=0.0, high=1e4)
     cross_layer: bool = param(False, "add the official code's cross-layer attention term (random projections)")
     qk_dim: int = param(128, "query/key size of the cross-layer term", low=1, high=4096)
@@ -168,7 +170,7 @@ def argd_loss(teacher: nn.Module, p: Params, cross: CrossLayerAttention | None):
         with torch.no_grad():
             feats_t, _ = teacher.features(x)
         ce = F.cross_entropy(logits.float(), y)
-        vertex = vertex_loss(feats_s, feats_t, p.vertex_weights, p.p)
+        vertex = vertex_loss(feats_s, feats_t, tuple(w * p.vertex_scale for w in p.vertex_weights), p.p)
         edge = edge_loss(feats_s, feats_t, p.p)
         loss = ce + vertex + p.edge_weight * edge
         logs = {"ce": ce, "vertex": vertex, "edge": edge}

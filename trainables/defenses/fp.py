@@ -18,8 +18,7 @@ Here:
   channel) until the clean-subset accuracy falls below ``(1 − max_drop)`` times its unpruned
   value (default 10 % relative, SPEC.md); the last amount within the budget is kept
   (capped at ``max_ratio``). ``prune_ratio`` instead fixes the amount. Only the clean subset is
-  used for this choice. (Liu et al. pruned until validation accuracy fell by 4 %; SPEC.md's 10 %
-  relative is the default here, both are one parameter.)
+  used for this choice.
 * fine-tuning: the shared ``finetune`` helper, lr 0.01 (Liu et al. fine-tune at a small lr),
   cosine decay, batch 64, 10 epochs (the paper does not fix a budget).
 """

@@ -73,7 +73,7 @@ def curve_loss(w1: dict, theta: dict, w2: dict, l2: float, gen: torch.Generator)
         point = bezier(t, w1, theta, w2)
         ce = F.cross_entropy(functional_call(model, point, (x,)).float(), y)
         reg = 0.5 * l2 * sum(v.float().pow(2).sum() for v in point.values())
-        return ce + reg, {"ce": ce, "l2": reg, "t": t}
+        return ce + reg, {"ce": ce, "l2": reg}
     return loss_fn
 
 

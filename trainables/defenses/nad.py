@@ -39,6 +39,7 @@ from trainables.registry import register_defense
 class Params:
     beta: tuple[float, ...] = param((500.0, 1000.0, 1000.0),
                                     "attention-loss weight per layer group (NAD: 500, 1000, 1000; last repeated)")
+    beta_scale: float = param(1.0, "multiplier on every β (1 = the paper's β; one knob for sweeps)", low=0.0, high=1e3)
     p: float = param(2.0, "attention-map exponent p (NAD: 2)", low=0.5, high=8.0)
     epochs: int = param(20, "distillation epochs (NAD: 20)", low=1, high=500)
     lr: float = param(0.1, "initial distillation lr (NAD: 0.1)", low=1e-5, high=1.0)
@@ -64,7 +65,7 @@ class Params:
 
 
 def nad_loss(teacher: nn.Module, beta: tuple[float, ...], p: float):
-    """The engine ``loss_fn`` of NAD Eq. 3."""
+    """The engine ``loss_fn`` of NAD Eq. 3 (``beta`` per layer group, the last one repeated)."""
     def loss_fn(student: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
         feats_s, logits = student.features(x)
         with torch.no_grad():
@@ -89,5 +90,5 @@ class NAD(Defense):
         student = prepare(ctx.model, ctx.rt)
         teacher = make_teacher(student, ctx.clean, p.teacher_sgd(), ctx, stage="nad-teacher")
         train(student, ctx.clean, p.student_sgd(), ctx.rt, seed=ctx.seed + 1,
-              loss_fn=nad_loss(teacher, p.beta, p.p), on_epoch=epoch_logger(ctx, "nad", student))
+              loss_fn=nad_loss(teacher, tuple(b * p.beta_scale for b in p.beta), p.p), on_epoch=epoch_logger(ctx, "nad", student))
         return student.eval()

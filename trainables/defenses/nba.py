@@ -32,6 +32,13 @@ What the paper leaves open, and what this implementation chose
   paper cites for relation knowledge (SPEC.md): ``F^l`` pooled to the size of ``F^{l+1}``,
   ``M^l = F^l (F^{l+1})ᵀ / (H W)`` (C_l × C_{l+1}), ``L_LNB = Σ_l mean((M^{T,l} − M^{S,l})²)``
   (``losses.fsp_loss``).
+* **Scale.** Both the Gram and the FSP terms are quartic in the feature scale. On a CIFAR-10
+  BadNets WRN-16-1 against its teacher, L_RNB's groups measure 0.021, 0.005, 0.010 and L_LNB
+  ≈ 0.05 (SPEC.md), which λ = (2, 2, 0.1) balances against L_PNB ≈ 1. An immature model (e.g.
+  WRN-16-1 after 9 epochs on the synthetic set: BA ≈ 0.5, train CE ≈ 1.4) sits ~50× higher
+  (L_RNB ≈ 1.8, L_LNB ≈ 3.3, partly from BatchNorm batch vs running statistics alone), and at
+  lr 0.1 the paper's λ1 = λ2 = 2 then diverge within a few steps (measured: stable up to ≈ 0.1).
+  The defaults stay the paper's; lower λ1, λ2 for such models (the search space reaches 0.01).
 * **Eq. 7** writes PNB as the cross-entropy of the softened predictions while the text says KL
   divergence; the two differ by the teacher's entropy, a constant for the student. We use
   ``KL(p(u,T) || p(z,T))·T²`` (``losses.kd_loss``), Hinton's scaling.
@@ -110,7 +117,8 @@ class Params:
     # -- optimisation -----------------------------------------------------------------------
     epochs: int = param(20, "distillation epochs (SPEC: 20, like NAD)", low=0)
     lr: float = param(0.1, "initial SGD lr of the student (paper: 0.1)", low=0.0)
-    lr_drop_epoch: int = param(2, "epoch after which the lr is multiplied by lr_gamma (NAD's schedule: 2)", low=0)
+    lr_drop_epoch: int = param(2, "epochs at the initial lr before it is multiplied by lr_gamma (NAD's schedule: 2)",
+                               low=0)
     lr_gamma: float = param(0.1, "lr factor at lr_drop_epoch (NAD: 0.1 -> 0.01)", low=0.0, high=1.0)
     batch_size: int = param(64, "batch size of teacher and student (paper: 64)", low=1)
     momentum: float = param(0.9, "SGD momentum (paper: 0.9)", low=0.0, high=1.0)

@@ -1,0 +1,186 @@
+"""The Tune callback that writes every trial's MLflow run, on the driver (the one writer).
+
+``TrialLogger`` opens a child run of the sweep's parent run when a trial starts (or reattaches the
+run a crashed driver left, found by its ``ray_trial_id`` tag), logs each ``tune.report`` as
+per-epoch metrics (step = the defense's epoch counter), and closes the run FINISHED when the trial
+ends (tagging ``fully_trained``) or FAILED when it raises. It is pickled into the Tuner's state
+(``Tuner.restore`` brings it back), so it holds only plain settings and opens its MLflow client
+lazily.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
+
+from sweep.tracking import Tracker
+from trainables.tune_trainable import trial_case
+
+META_KEYS = {"step", "measured", "fully_trained", "final", "stage", "out_dir", "done", "history",
+             "attack_hash", "trial_id", "epoch"}
+MEASURED_ONLY = {"ba", "asr", "ra", "der", "score"}
+ARTIFACT_FILES = ("model.pt", "spec.json", "metrics.json")
+
+
+def config_json(params: dict) -> str:
+    """Canonical text of a full parameter set (exact values; the key configs are compared by)."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"), default=list)
+
+
+def config_key(params: dict) -> str:
+    return hashlib.sha1(config_json(params).encode()).hexdigest()[:10]
+
+
+def full_defense_params(defense: str, params: dict) -> dict:
+    """Every parameter of the defense (defaults filled in), as the trial runs it."""
+    from trainables.stages import resolve_defense
+
+    return resolve_defense(defense, params).params
+
+
+def full_attack_params(attack: str, params: dict) -> dict:
+    from trainables import registry
+    from trainables.params import as_dict, make_params
+
+    return as_dict(make_params(registry.get_attack(attack).Params, params))
+
+
+class TrialLogger(Callback):
+    def __init__(self, *, tracking_uri: str, experiment: str, workdir: str, parent_run_id: str,
+                 sweep_id: str, base_tags: dict[str, Any], job: dict, role: str, pair: str,
+                 log_models: bool = True):
+        self.tracking_uri, self.experiment, self.workdir = tracking_uri, experiment, workdir
+        self.parent_run_id, self.sweep_id = parent_run_id, sweep_id
+        self.base_tags, self.job, self.role, self.pair = dict(base_tags), job, role, pair
+        self.log_models = log_models
+        self._tracker: Tracker | None = None
+        self._runs: dict[str, str] = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_tracker"], state["_runs"] = None, {}
+        return state
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.tracking_uri, self.experiment, self.workdir)
+        return self._tracker
+
+    # -- the run of a trial ----------------------------------------------------------------
+    def _describe(self, trial) -> tuple[dict, dict]:
+        """(tags, params) of a trial's run; params complete (every default filled in)."""
+        if self.role == "attack":
+            params = {**self.job.get("fixed", {}), **_decode(trial.config, self.job.get("decoders"))}
+            params = full_attack_params(self.job["attack"], params)
+            tags = {"attack": self.job["attack"], "defense": "none", "phase": "search"}
+        else:
+            case = trial_case(trial.config, self.job)
+            defense = case.get("defense") or self.job.get("defense")
+            params = full_defense_params(defense, case["params"])
+            tags = {"attack": case["attack"], "attack_hash": case["attack_hash"], "phase": case["phase"],
+                    "defense": defense}
+        tags.update(config_key=config_key(params), config_json=config_json(params))
+        return tags, params
+
+    def run_id(self, trial) -> str:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        found = self.tracker.find_run(self.sweep_id, ray_trial_id=trial.trial_id)
+        if found is not None:
+            # a restored (resumed or retried) trial: reattach its run instead of opening another
+            run_id = found.info.run_id
+            if found.info.status != "RUNNING":
+                self.tracker.reopen(run_id)
+            restarts = int(found.data.tags.get("restarts", "0")) + 1
+            self.tracker.set_tags(run_id, {"restarts": restarts, "fully_trained": "false"})
+        else:
+            tags, params = self._describe(trial)
+            tags = {**self.base_tags, **tags, "role": self.role, "ray_trial_id": trial.trial_id,
+                    "fully_trained": "false", "pair": self.pair}
+            name = f"{tags.get('defense', 'none')}/{tags['attack']}/{trial.trial_id}" if self.role == "defense" \
+                else f"{tags['attack']}/{trial.trial_id}"
+            run_id = self.tracker.create_run(name, tags, self.parent_run_id, params)
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    # -- Tune hooks ------------------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.run_id(trial)
+        metrics = loggable(result)
+        if result.get("attack_hash") and self.role == "attack":
+            self.tracker.set_tags(run_id, {"attack_hash": result["attack_hash"]})
+        if "history" in result:        # an attack trial reports its epochs at the end
+            for entry in result["history"]:
+                step = int(entry.get("epoch", 0))
+                self.tracker.log_metrics(run_id, {k: v for k, v in entry.items() if k != "epoch"}, step=step)
+        self.tracker.log_metrics(run_id, metrics, step=int(result.get("step", 0) or 0))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        finish_trial_run(self.tracker, run_id, trial.last_result or {}, self.log_models)
+        self._runs.pop(trial.trial_id, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        fail_trial_run(self.tracker, run_id, _error_text(trial))
+        self._runs.pop(trial.trial_id, None)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        self.tracker.set_tags(run_id, {"last_error": _error_text(trial)[:5000]})
+
+
+def loggable(result: dict) -> dict:
+    """The numeric, non-bookkeeping part of a Tune result; epoch-unmeasured metrics dropped."""
+    skip = set(AUTO_RESULT_KEYS) | set(DEBUG_METRICS) | META_KEYS
+    out = {k: v for k, v in result.items()
+           if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not result.get("measured", 1):
+        for k in MEASURED_ONLY:
+            out.pop(k, None)
+    return out
+
+
+def finish_trial_run(tracker: Tracker, run_id: str, last: dict, log_models: bool = True) -> None:
+    """Close a trial's run FINISHED, with ``fully_trained`` from its last result."""
+    fully = bool(last.get("final") and last.get("fully_trained"))
+    tags = {"fully_trained": str(fully).lower()}
+    if not fully:
+        tags["stopped_early"] = "true"
+    tracker.set_tags(run_id, tags)
+    out_dir = last.get("out_dir")
+    if fully and log_models and out_dir and Path(out_dir).is_dir():
+        tracker.log_artifacts(run_id, [Path(out_dir) / f for f in ARTIFACT_FILES], "model")
+        tracker.log_artifacts(run_id, [Path(out_dir) / "samples.png"])
+    tracker.end(run_id, "FINISHED")
+
+
+def fail_trial_run(tracker: Tracker, run_id: str, error: str) -> None:
+    tracker.set_tags(run_id, {"fully_trained": "false", "error": error[:5000] or "failed"})
+    tracker.end(run_id, "FAILED")
+
+
+def _error_text(trial) -> str:
+    try:
+        path = trial.error_file
+        if path and Path(path).is_file():
+            lines = Path(path).read_text(errors="replace").strip().splitlines()
+            tail = [ln for ln in lines if ln.strip()][-3:]
+            return " | ".join(tail)
+    except Exception:
+        pass
+    return "trial failed (see the Ray Tune trial directory)"
+
+
+def _decode(config: dict, decoders: dict | None) -> dict:
+    from trainables.tune_trainable import decode
+
+    return decode(config, decoders)

@@ -1,0 +1,261 @@
+"""Search spaces: ``search_spaces/<method>.yaml`` read, narrowed or pinned by a preset, and turned
+into Optuna distributions.
+
+A space file names each tunable parameter with its distribution and its paper default::
+
+    params:
+      lambda1: {type: float, low: 0.1, high: 20.0, log: true, default: 2.0}
+      epochs: {type: int, low: 5, high: 40, default: 20}
+      udl_samples: {type: categorical, choices: [pseudo, oracle], default: pseudo}
+
+A preset may narrow a parameter (``{low: 1, high: 5}``, ``[1, 5]``, a subset of the choices) or pin
+it (a scalar). Narrowing stays inside the file's range; a pinned parameter leaves the search and
+becomes a fixed parameter. The paper default must stay inside a narrowed range (it is the first
+trial, ``points_to_evaluate``), or the preset names another ``default`` for that first trial.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TYPES = ("float", "int", "categorical")
+
+
+class SpaceError(ValueError):
+    """A search-space file or a preset's narrowing of it is invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One tunable parameter: its distribution and the value of the first (paper-default) trial."""
+
+    name: str
+    type: str                        # float | int | categorical
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple | None = None
+
+    @property
+    def pinned(self) -> bool:
+        """A range of one value: not searched."""
+        if self.type == "categorical":
+            return len(self.choices) == 1
+        return self.low == self.high
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and not float(value).is_integer():
+            return False
+        return self.low <= value <= self.high
+
+    def to_optuna(self):
+        import optuna.distributions as od
+
+        if self.type == "float":
+            return od.FloatDistribution(float(self.low), float(self.high), log=self.log)
+        if self.type == "int":
+            return od.IntDistribution(int(self.low), int(self.high), log=self.log)
+        return od.CategoricalDistribution([encode(c) for c in self.choices])
+
+    def decoder(self) -> dict | None:
+        """Encoded choice -> value, for categoricals whose choices Optuna cannot hold (tuples)."""
+        if self.type == "categorical" and any(encode(c) is not c for c in self.choices):
+            return {encode(c): _listify(c) for c in self.choices}
+        return None
+
+    def describe(self) -> str:
+        if self.type == "categorical":
+            return f"one of {list(self.choices)} (first trial {self.default!r})"
+        scale = ", log" if self.log else ""
+        return f"{self.type} [{self.low:g}, {self.high:g}{scale}] (first trial {self.default:g})"
+
+    def as_yaml(self) -> dict:
+        d = {"type": self.type}
+        if self.type == "categorical":
+            d["choices"] = list(self.choices)
+        else:
+            d.update(low=self.low, high=self.high)
+            if self.log:
+                d["log"] = True
+        d["default"] = self.default
+        return d
+
+
+def spaces_dir() -> Path:
+    """The installed ``search_spaces`` package folder (package data)."""
+    import search_spaces
+
+    return Path(search_spaces.DIR)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_dist(name: str, spec: Any, where: str) -> Dist:
+    """One entry of a space file's ``params``."""
+    if not isinstance(spec, dict):
+        raise SpaceError(f"{where}{name}: expected a mapping with type/low/high/default, got {spec!r}")
+    unknown = sorted(set(spec) - {"type", "low", "high", "log", "choices", "default"})
+    if unknown:
+        raise SpaceError(f"{where}{name}: unknown field {unknown[0]!r} (type, low, high, log, choices, default)")
+    kind = spec.get("type")
+    if kind not in TYPES:
+        raise SpaceError(f"{where}{name}.type={kind!r} is not one of {list(TYPES)}")
+    if "default" not in spec:
+        raise SpaceError(f"{where}{name}: a 'default' (the paper default) is required")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(f"{where}{name}: a categorical parameter needs a non-empty 'choices' list")
+        d = Dist(name, kind, _tuple(spec["default"]), choices=tuple(_tuple(c) for c in choices))
+    else:
+        low, high = spec.get("low"), spec.get("high")
+        if not (_number(low) and _number(high)) or low > high:
+            raise SpaceError(f"{where}{name}: needs numbers low <= high, got low={low!r} high={high!r}")
+        if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+            raise SpaceError(f"{where}{name}: an int parameter needs integer bounds, got [{low}, {high}]")
+        log = bool(spec.get("log", False))
+        if log and low <= 0:
+            raise SpaceError(f"{where}{name}: log=true needs low > 0, got {low}")
+        cast = int if kind == "int" else float
+        default = spec["default"]
+        if _number(default) and (kind == "float" or float(default).is_integer()):
+            default = cast(default)
+        d = Dist(name, kind, default, low=cast(low), high=cast(high), log=log)
+    if not d.contains(d.default):
+        raise SpaceError(f"{where}{name}: default {d.default!r} is outside its range ({d.describe()})")
+    return d
+
+
+def _tuple(v: Any) -> Any:
+    """Lists inside categorical choices become tuples (hashable; Params use tuples)."""
+    return tuple(_tuple(x) for x in v) if isinstance(v, list) else v
+
+
+@lru_cache(maxsize=None)
+def _load_file(path: str) -> tuple[str, str, tuple[Dist, ...]]:
+    p = Path(path)
+    where = f"{p.name}: "
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SpaceError(f"cannot read search space {p}: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict):
+        raise SpaceError(f"{p}: expected 'method', 'kind' and a 'params' mapping")
+    dists = tuple(parse_dist(n, s, where + "params.") for n, s in raw["params"].items())
+    return str(raw.get("method", p.stem)), str(raw.get("kind", "")), dists
+
+
+def load_space(method: str) -> dict[str, Dist]:
+    """The method's search space from ``search_spaces/<method>.yaml`` (name -> Dist); a method
+    without a file has an empty space (nothing to search, paper defaults only)."""
+    path = spaces_dir() / f"{method}.yaml"
+    if not path.is_file():
+        return {}
+    name, _kind, dists = _load_file(str(path))
+    if name != method:
+        raise SpaceError(f"{path}: 'method: {name}' does not match the file name")
+    return {d.name: d for d in dists}
+
+
+def narrow(base: Dist, spec: Any, where: str) -> Dist:
+    """Apply a preset's narrowing/pinning ``spec`` to ``base`` (must stay inside it).
+
+    ``spec``: a scalar (pin), ``[low, high]`` (numeric) or a list of choices (categorical), or a
+    mapping with any of ``low``, ``high``, ``log``, ``choices``, ``default``.
+    """
+    name = base.name
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - {"low", "high", "log", "choices", "default"})
+        if unknown:
+            raise SpaceError(f"{where}{name}.{unknown[0]}: unknown field (low, high, log, choices, default)")
+        fields = dict(spec)
+    elif isinstance(spec, list):
+        if base.type == "categorical":
+            fields = {"choices": spec}
+        elif len(spec) == 2:
+            fields = {"low": spec[0], "high": spec[1]}
+        else:
+            raise SpaceError(f"{where}{name}: give [low, high] or a single value, got {spec!r}")
+    else:
+        if base.type == "categorical":
+            fields = {"choices": [spec], "default": spec}
+        else:
+            fields = {"low": spec, "high": spec, "default": spec}
+    if base.type == "categorical":
+        if "low" in fields or "high" in fields or "log" in fields:
+            raise SpaceError(f"{where}{name}: a categorical parameter is narrowed by 'choices' only")
+        choices = fields.get("choices", list(base.choices))
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(f"{where}{name}.choices: a non-empty list is required")
+        choices = tuple(_tuple(c) for c in choices)
+        bad = [c for c in choices if c not in base.choices]
+        if bad:
+            raise SpaceError(f"{where}{name}={bad[0]!r} is not one of the search space's choices {list(base.choices)}")
+        default = _tuple(fields.get("default", base.default if base.default in choices else
+                                    (choices[0] if len(choices) == 1 else base.default)))
+        out = dataclasses.replace(base, choices=choices, default=default)
+    else:
+        cast = int if base.type == "int" else float
+        low, high = fields.get("low", base.low), fields.get("high", base.high)
+        for key, v in (("low", low), ("high", high)):
+            if not _number(v) or (base.type == "int" and not float(v).is_integer()):
+                raise SpaceError(f"{where}{name}.{key}: expected {'an integer' if base.type == 'int' else 'a number'}, got {v!r}")
+        if low > high:
+            raise SpaceError(f"{where}{name}: low={low} is above high={high}")
+        if low < base.low or high > base.high:
+            bad, v = ("low", low) if low < base.low else ("high", high)
+            raise SpaceError(f"{where}{name}{'' if low == high else '.' + bad}={v} is outside the search space "
+                             f"range [{base.low:g}, {base.high:g}]")
+        log = bool(fields.get("log", base.log))
+        if log and low <= 0:
+            raise SpaceError(f"{where}{name}: log=true needs low > 0")
+        default = fields.get("default", base.default)
+        if _number(default) and (base.type == "float" or float(default).is_integer()):
+            default = cast(default)
+        out = dataclasses.replace(base, low=cast(low), high=cast(high), log=log, default=default)
+    if not out.contains(out.default):
+        raise SpaceError(f"{where}{name}: the first trial's value {out.default!r} (the paper default) is "
+                         f"outside the narrowed range ({_range(out)}); add {name}.default=<a value inside> "
+                         f"to choose the first trial's value")
+    return out
+
+
+def _range(d: Dist) -> str:
+    return f"choices {list(d.choices)}" if d.type == "categorical" else f"[{d.low:g}, {d.high:g}]"
+
+
+def optuna_space(dists: dict[str, Dist]) -> dict:
+    """Name -> Optuna distribution for the searched (not pinned) parameters."""
+    return {n: d.to_optuna() for n, d in dists.items() if not d.pinned}
+
+
+def first_point(dists: dict[str, Dist]) -> dict:
+    """The first trial: every searched parameter by its (flat) name, at the paper default
+    (encoded the way Optuna holds it)."""
+    return {n: encode(d.default) if d.type == "categorical" else d.default
+            for n, d in dists.items() if not d.pinned}
+
+
+def encode(choice: Any) -> Any:
+    """Optuna's categorical choices must be None/bool/int/float/str: a tuple choice (e.g. a subset
+    of NBA's behaviours) is held as its comma-joined string and decoded in the trial."""
+    if isinstance(choice, tuple):
+        return ",".join(map(str, choice))
+    return choice
+
+
+def _listify(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v

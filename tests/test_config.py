@@ -1,0 +1,179 @@
+"""Presets -> validated sweep config: every preset loads, every bad input is ONE clear message
+naming the key, narrowing stays inside the search space and the Params bounds, the printed
+config loads back to the same config, the dry run counts stages and trials and prices them."""
+import dataclasses
+
+import pytest
+import yaml
+
+from sweep.config import ConfigError, dry_run, format_config, list_presets, load_preset
+from sweep.plan import make_plan
+from sweep.spaces import first_point, load_space, optuna_space, spaces_dir
+
+PRESETS = ("quickstart", "nba_cifar", "dlp_cifar", "cheatkd_cifar100", "nba_table2", "dlp_table3")
+
+
+def test_every_preset_loads_and_says_what_it_is():
+    assert set(PRESETS) <= set(list_presets())
+    for name in PRESETS:
+        cfg = load_preset(name)
+        assert cfg.name == name and cfg.description
+        assert cfg.attacks and cfg.search.num_samples >= 1
+
+
+def test_presets_carry_the_papers_settings():
+    q = load_preset("quickstart")
+    assert q.dataset == "synthetic" and q.model == "wrn-16-1"
+    assert [a.name for a in q.attacks] == ["badnets", "blend"] and [d.name for d in q.defenses] == ["nba", "ft"]
+    assert q.search.sampler == "tpe" and q.search.objectives == (("asr", "min"), ("ba", "max"))
+
+    nba = load_preset("nba_cifar")
+    assert nba.dataset == "cifar10" and [a.name for a in nba.attacks] == ["badnets", "trojannn", "blend", "cla", "sig", "refool"]
+    searched = {d.name for d in nba.defense("nba").space}
+    assert {"lambda1", "lambda2", "lambda3", "alpha", "beta", "temperature", "eps", "epochs", "lr"} <= searched
+    assert nba.search.num_samples >= 50 and 0 < nba.resources.gpus < 1    # fractional GPU per trial
+
+    t2 = load_preset("nba_table2")
+    assert [d.name for d in t2.defenses] == ["ft", "fp", "mcr", "nad", "argd", "nba"]
+    assert t2.search.num_samples == 1 and t2.attack("refool").dataset == "gtsrb"
+    assert all(p.num_samples == 1 and not p.searched for p in make_plan(t2).pairs)   # paper defaults only
+
+    t3 = load_preset("dlp_table3")
+    assert [d.name for d in t3.defenses] == ["nad", "abl", "anp", "dlp"] and t3.search.num_samples == 1
+
+    ck = load_preset("cheatkd_cifar100")
+    assert ck.kind == "attack" and ck.dataset == "cifar100"
+    assert {"delta_rule", "num_neurons"} <= {d.name for d in ck.attack("cheatkd").space}
+    assert dict(ck.search.objectives) == {"student_asr": "max", "student_ba": "max"}
+    assert ck.selection.metric == "student_asr" and ck.selection.ba_metric == "student_ba"
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("nope", [], "unknown preset 'nope'; known: "),
+    ("quickstart", ["search.num_sample=3"], "unknown key 'search.num_sample'"),
+    ("quickstart", ["foo=1"], "unknown key 'foo'"),
+    ("quickstart", ["defenses.nba.space.lambda1.lo=1"], "unknown key 'defenses.nba.space.lambda1.lo'"),
+    ("quickstart", ["search.num_samples"], "expected key=value"),
+    ("quickstart", ["search.num_samples=0"], "search.num_samples=0 is below its minimum 1"),
+    ("quickstart", ["search.sampler=cmaes"], "search.sampler='cmaes' is not one of"),
+    ("quickstart", ["defenses.nba.space.lambda1.high=100"], "defenses.nba.space.lambda1.high=100 is outside the search space range"),
+    ("quickstart", ["defenses.nba.space.lambda1=30"], "defenses.nba.space.lambda1=30 is outside the search space range"),
+    ("quickstart", ["defenses.nba.space.lambda1=[3, 5]"], "lambda1.default=<a value inside>"),
+    ("quickstart", ["defenses.nba.space.bogus=3"], "defenses.nba.space: unknown parameter 'bogus'"),
+    ("quickstart", ["defenses.nba.params.bogus=3"], "defenses.nba.params: unknown parameter 'bogus'"),
+    ("quickstart", ["defenses.nba.params.lr=-1"], "defenses.nba.params: lr=-1.0 is below its minimum"),
+    ("quickstart", ["defenses.nba.params.teacher_epochs=x"], "teacher_epochs: expected int, got 'x'"),
+    ("quickstart", ["attacks.badnets.params.poison_rate=1.5"], "poison_rate=1.5 is above its maximum 1.0"),
+    ("quickstart", ["attacks.badnets.space.poison_rate=0.1"], "searched in attack sweeps only"),
+    ("quickstart", ["defenses.foo={}"], "unknown defense 'foo'"),
+    ("quickstart", ["attacks=[nope]"], "unknown attack 'nope'"),
+    ("quickstart", ["dataset=mnist"], "unknown dataset 'mnist'"),
+    ("quickstart", ["attacks.badnets.dataset=cifar11"], "attacks.badnets.dataset: unknown dataset 'cifar11'"),
+    ("quickstart", ["model=vgg99"], "unknown model 'vgg99'"),
+    ("quickstart", ["budget.attack.epochz=3"], "budget.attack: unknown parameter 'epochz'"),
+    ("quickstart", ["search.objectives={acc: max}"], "unknown metric 'acc'"),
+    ("quickstart", ["resources.gpus=1.5"], "resources.gpus=1.5"),
+    ("quickstart", ["seed=-1"], "seed=-1 is below its minimum 0"),
+    ("quickstart", ["defenses=[]"], "a defense sweep needs at least one defense"),
+])
+def test_bad_input_is_one_clear_message_naming_it(name, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_preset(name, overrides)
+    text = str(e.value)
+    assert message in text, text
+    assert "\n" not in text and "Traceback" not in text
+
+
+def test_bad_key_in_a_preset_file_names_file_and_key(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("dataset: synthetic\nattacks: [badnets]\ndefenses: [ft]\nsearch: {num_smaples: 3}\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: unknown key 'search.num_smaples'"):
+        load_preset(p)
+    with pytest.raises(ConfigError, match="preset file not found"):
+        load_preset(tmp_path / "missing.yaml")
+
+
+def test_overrides_narrow_pin_add_and_drop():
+    cfg = load_preset("quickstart", [
+        "defenses.nba.space.lambda1=[1.0, 4.0]",               # narrow (default 2.0 inside)
+        "defenses.nba.space.beta={low: 0.2, high: 1.0}",
+        "defenses.nba.space.alpha=1.5",                        # pin: leaves the search
+        "defenses.nba.space.lambda3={low: 0.2, high: 0.5, default: 0.3}",   # moved first trial
+        "defenses.ft=null",                                    # drop a defense
+        "attacks.blend.params.alpha=0.3",
+        "search.num_samples=7", "search.sampler=nsga2"])
+    nba = cfg.defense("nba")
+    space = {d.name: d for d in nba.space}
+    assert (space["lambda1"].low, space["lambda1"].high, space["lambda1"].default) == (1.0, 4.0, 2.0)
+    assert (space["beta"].low, space["beta"].high) == (0.2, 1.0)
+    assert "alpha" not in space and nba.params_dict["alpha"] == 1.5
+    assert space["lambda3"].default == 0.3
+    assert [d.name for d in cfg.defenses] == ["nba"]
+    assert cfg.attack("blend").params_dict == {"alpha": 0.3}
+    assert cfg.search.num_samples == 7 and cfg.search.sampler == "nsga2"
+    # the budget pins epochs (a fixed parameter, checked against the Params bounds only)
+    assert nba.params_dict["epochs"] == 4 and "epochs" not in space
+    # the first trial names every searched parameter by its flat name, at the default
+    point = first_point(space)
+    assert set(point) == set(optuna_space(space)) == set(space)
+    assert point["lambda1"] == 2.0 and point["lambda3"] == 0.3
+    # categoricals narrow by choices
+    ck = load_preset("cheatkd_cifar100", ["attacks.cheatkd.space.delta_rule=[mean, max]"])
+    assert next(d for d in ck.attack("cheatkd").space if d.name == "delta_rule").choices == ("mean", "max")
+    with pytest.raises(ConfigError, match="is not one of the search space's choices"):
+        load_preset("cheatkd_cifar100", ["attacks.cheatkd.space.delta_rule=[mean, median]"])
+
+
+def test_printed_config_loads_back_to_the_same_config(tmp_path):
+    cfg = load_preset("quickstart", ["search.num_samples=5", "defenses.nba.space.lambda1=[1.0, 4.0]"])
+    text = format_config(cfg)
+    assert "lambda1: float [1, 4, log] (first trial 2)" in text    # the resolved search space
+    p = tmp_path / "printed.yaml"
+    p.write_text(text)
+    again = load_preset(p)
+    assert again.to_dict() == cfg.to_dict()
+    assert again.defenses == cfg.defenses and again.search == cfg.search
+    assert yaml.safe_load(text)["search"]["num_samples"] == 5
+
+
+def test_config_is_frozen_and_hash_tracks_content():
+    cfg = load_preset("quickstart")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3
+    assert load_preset("quickstart").config_hash() == cfg.config_hash()
+    assert load_preset("quickstart", ["seed=1"]).config_hash() != cfg.config_hash()
+
+
+def test_dry_run_counts_stages_and_trials_and_prices_them(tmp_path):
+    out = dry_run(load_preset("quickstart"), workdir=tmp_path)
+    assert "attack stages: 2 distinct" in out and out.count("[to train]") == 2
+    # 2 attacks x (NBA: 3 trials + FT: 3 trials) + cross-checks of each defense's best configs
+    assert "Tuners: 4" in out and "trials: 12 + at most 4 cross-check trials" in out
+    # FT at its paper default only: its trials join one Tuner of paper-default trials
+    out = dry_run(load_preset("quickstart", ["defenses.ft.num_samples=1"]))
+    assert "Tuners: 3 (the 2 paper-default trial(s) together in one" in out
+    assert "trials: 8 + at most 2 cross-check trials" in out
+    assert "images processed:" in out and "CPU-core-hours" in out and "MFLOP per image" in out
+    table = dry_run(load_preset("nba_table2"))
+    # the clean model TrojanNN/CLA fit on is one more (shared) stage; Refool trains on GTSRB
+    assert "attack stages: 7 distinct" in table and "refool on gtsrb" in table
+    assert "Tuners: 1 (the 36 paper-default trial(s) together in one" in table and "trials: 36" in table
+
+
+def test_every_search_space_matches_its_method():
+    """Every file parses; every parameter is a field of the method's Params and its whole range
+    passes the Params bounds (what presets are checked against)."""
+    from trainables import registry
+    from trainables.params import make_params
+
+    methods = {**registry.attacks(), **registry.defenses()}
+    files = sorted(spaces_dir().glob("*.yaml"))
+    assert {"nba", "cheatkd"} <= {p.stem for p in files}
+    for path in files:
+        space = load_space(path.stem)
+        cls = methods[path.stem]
+        for name, dist in space.items():
+            assert name in cls.Params.__dataclass_fields__, (path.stem, name)
+            values = list(dist.choices) if dist.type == "categorical" else [dist.low, dist.high, dist.default]
+            for v in values:
+                make_params(cls.Params, {name: list(v) if isinstance(v, tuple) else v})
