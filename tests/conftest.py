@@ -21,12 +21,12 @@ def synthetic():
 
 @pytest.fixture(scope="session")
 def trained_clean(synthetic):
-    """(WRN-16-1 trained 6 epochs on the synthetic set, its history)."""
+    """(WRN-16-1 trained 8 epochs on the synthetic set, its history)."""
     from trainables.engine import SGDConfig, pick_runtime, prepare, train
     from trainables.models import build_model
 
     rt = pick_runtime("cpu")
     torch.manual_seed(0)
     model = prepare(build_model("wrn-16-1", synthetic.num_classes, synthetic.mean, synthetic.std), rt)
-    history = train(model, synthetic.train, SGDConfig(epochs=6, lr=0.05, batch_size=128), rt, seed=0)
+    history = train(model, synthetic.train, SGDConfig(epochs=8, lr=0.1, batch_size=128), rt, seed=0)
     return model.eval(), history
