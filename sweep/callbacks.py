@@ -90,7 +90,7 @@ class TrialLogger(Callback):
     def run_id(self, trial) -> str:
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
-        found = self.tracker.find_run(self.sweep_id, ray_trial_id=trial.trial_id)
+        found = self.tracker.find_run(self.sweep_id, ray_trial_id=trial.trial_id, pair=self.pair)
         if found is not None:
             # a restored (resumed or retried) trial: reattach its run instead of opening another
             run_id = found.info.run_id

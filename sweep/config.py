@@ -691,11 +691,10 @@ def format_config(cfg: SweepConfig) -> str:
     lines = ["", "# resolved search spaces (searched parameters; everything else is fixed):"]
     entries = cfg.defenses if cfg.kind == "defense" else cfg.attacks
     for e in entries:
-        lines.append(f"#   {e.name}:")
-        for dist in e.space:
+        lines.append(f"#   {e.name}: " + (f"{e.num_samples} trials" if e.searched else
+                                          "1 trial at the paper defaults (nothing searched)"))
+        for dist in e.space if e.searched else ():
             lines.append(f"#     {dist.name}: {dist.describe()}")
-        if not e.space:
-            lines.append("#     (nothing searched: paper defaults / pinned values only)")
         if e.params:
             fixed = ", ".join(f"{k}={v!r}" for k, v in e.params)
             lines.append(f"#     fixed: {fixed}")

@@ -22,6 +22,7 @@ How the cost is computed (a rough, stated model, not a measurement):
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -102,6 +103,10 @@ def dry_run(cfg: SweepConfig, workdir: str | Path | None = None) -> str:
     # ---- cost -------------------------------------------------------------------------------
     lines.append("")
     lines.append("# ---- cost estimate (see sweep/estimate.py for the model) " + "-" * 14)
+    lines.append("how: training passes = images x epochs of every attack stage and trial (PGD steps count "
+                 "as passes, searched parameters at their paper default), evaluation images count 1/3; "
+                 "compute = passes x 3 x the model's forward FLOPs; time at 40 GFLOP/s per CPU core, "
+                 "5 TFLOP/s per GPU")
     flops = forward_flops(cfg.model)
     total_passes, total_evals = 0.0, 0.0
     stage_passes, trial_passes = 0.0, 0.0
@@ -162,10 +167,7 @@ def dry_run(cfg: SweepConfig, workdir: str | Path | None = None) -> str:
                  f"or ~{gpu_h:.3g} GPU-hours at 5 TFLOP/s")
     if unknown:
         lines.append(f"(not counted: datasets of unknown size {sorted(set(unknown))})")
-    import os
-
     cores = os.cpu_count() or 1
-    per_trial = max(cfg.resources.cpus, 1e-9)
     if cfg.resources.gpus == 0:
         lines.append(f"wall-clock on this machine ({cores} CPUs, trials of {cfg.resources.cpus:g} CPU each): "
                      f"~{cpu_h * 60 / max(1, cores):.3g} minutes if every core is kept busy")
@@ -173,7 +175,6 @@ def dry_run(cfg: SweepConfig, workdir: str | Path | None = None) -> str:
         per_gpu = max(1, int(1 / cfg.resources.gpus)) if cfg.resources.gpus < 1 else 1
         lines.append(f"wall-clock per GPU ({per_gpu} trial(s) share one at resources.gpus="
                      f"{cfg.resources.gpus:g}): ~{gpu_h * 60:.3g} GPU-minutes in total; divide by the GPUs you have")
-    del per_trial
     return "\n".join(lines) + "\n"
 
 

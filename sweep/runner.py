@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,36 @@ from sweep.spaces import first_point, optuna_space
 from sweep.tracking import Tracker, flatten, resolve_tracking_uri
 
 LOCAL_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a sweep: its open runs are closed KILLED; ``--resume`` continues."""
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Ctrl-C (and SIGTERM) stop the sweep at once. Ray Tune would otherwise catch the first
+    Ctrl-C, end the current Tuner quietly and let the sweep go on with the next one."""
+    import signal
+    import threading
+
+    old_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    old_term = None
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        def on_term(sig, frame):
+            raise SweepInterrupted("SIGTERM")
+        old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = old_env
+        if main:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 class SweepError(ConfigError):
@@ -173,17 +202,24 @@ def ray_session(cfg: SweepConfig, address: str | None = None, progress: Callable
         ray.shutdown()
 
 
-def _check_resources(cfg: SweepConfig) -> None:
+def _check_resources(cfg: SweepConfig, local: bool, progress: Callable[[str], None]) -> None:
+    """A trial that asks for more than the cluster has would wait forever: on a local Ray that
+    is an error; on a cluster (which an autoscaler may grow) a warning."""
     import ray
 
     have = ray.cluster_resources()
     for what, cpus, gpus in (("resources.cpus/gpus", cfg.resources.cpus, cfg.resources.gpus),
                              ("resources.attack_cpus/attack_gpus", cfg.resources.attack_cpus, cfg.resources.attack_gpus)):
+        problem = None
         if gpus > have.get("GPU", 0):
-            raise SweepError(f"{what}: a trial asks for {gpus:g} GPU but the Ray cluster has "
-                             f"{have.get('GPU', 0):g}; --set resources.gpus=0 resources.attack_gpus=0 to run on CPUs")
-        if cpus > have.get("CPU", 0):
-            raise SweepError(f"{what}: a trial asks for {cpus:g} CPUs but the Ray cluster has {have.get('CPU', 0):g}")
+            problem = (f"{what}: a trial asks for {gpus:g} GPU but the Ray cluster has {have.get('GPU', 0):g}; "
+                       f"--set resources.gpus=0 --set resources.attack_gpus=0 runs on CPUs")
+        elif cpus > have.get("CPU", 0):
+            problem = f"{what}: a trial asks for {cpus:g} CPUs but the Ray cluster has {have.get('CPU', 0):g}"
+        if problem and local:
+            raise SweepError(problem)
+        if problem:
+            progress(f"warning: {problem} (now; trials wait until the cluster grows)")
 
 
 # ============================================================================ attack stages
@@ -209,17 +245,27 @@ def run_attack_stages(plan: Plan, cfg: SweepConfig, cache_dir: Path, tracker: Tr
     parallel); each gets an MLflow child run. Returns (hash -> dir, hashes trained, attack -> error)."""
     import ray
 
+    from trainables.artifacts import ArtifactCache
+
     task = ray.remote(_attack_stage_task)
+    cache = ArtifactCache(cache_dir)
     paths, trained, failed = {}, [], {}
     for level in (0, 1):
         wave = [s for s in plan.stages if s.level == level]
         refs = {}
         for s in wave:
+            hit = cache.lookup(s.hash)      # verified entry: no task (and no worker) needed
+            if hit is not None:
+                paths[s.hash] = str(hit)
+                progress(f"attack stage {s.attack} ({s.hash[:8]}) cached: {hit}")
+                _log_stage_run(tracker, state, s, Path(hit), base_tags, trained=False)
+                continue
             refs[s.hash] = task.options(num_cpus=cfg.resources.attack_cpus, num_gpus=cfg.resources.attack_gpus,
                                         name=f"attack-stage-{s.attack}-{s.hash[:8]}", max_retries=0).remote(
                 s.spec.key(), str(cache_dir), cfg.data_root, cfg.epoch_eval_size, cfg.resources.attack_cpus)
         if refs:
-            progress(f"attack stages: {len(refs)} to run ({', '.join(s.attack for s in wave)})")
+            progress(f"attack stages: {len(refs)} to run "
+                     f"({', '.join(s.attack for s in wave if s.hash in refs)})")
         pending = dict(refs)
         while pending:
             done, _ = ray.wait(list(pending.values()), num_returns=1)
@@ -456,8 +502,8 @@ def run_sweep(cfg: SweepConfig, *, workdir: str | Path = "sweep-runs", tracking_
         # attack-stage runs are redone below; anything else stale is closed now
         if resume:
             tracker.close_open_runs(state.sweep_id, "KILLED", keep=[parent], role="attack")
-        with ray_session(cfg, address, progress):
-            _check_resources(cfg)
+        with _interruptible(), ray_session(cfg, address, progress):
+            _check_resources(cfg, local=not (address or os.environ.get("RAY_ADDRESS")), progress=progress)
             cache_dir = workdir / "cache"
             paths, trained, failed = run_attack_stages(plan, cfg, cache_dir, tracker, state, base_tags, progress)
             result.trained_stages, result.failed_stages = trained, failed
@@ -470,8 +516,13 @@ def run_sweep(cfg: SweepConfig, *, workdir: str | Path = "sweep-runs", tracking_
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        progress(f"sweep {state.sweep_id} interrupted; continue it with --resume")
         raise
     finally:
+        if status != "FINISHED":
+            # a crash or an interruption of the driver itself: no run of this sweep stays open
+            # (--resume reattaches the trial runs by their ray_trial_id tag)
+            tracker.close_open_runs(state.sweep_id, "KILLED", keep=[parent])
         result.trials = _count_trials(tracker, state.sweep_id)
         if status == "FINISHED" and report:
             from sweep.report import make_report

@@ -40,28 +40,46 @@ NAMES = ("ft", "fp", "mcr", "nad", "argd", "anp")
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")
-def backdoor(synthetic, trained_clean):
-    """(backdoored model, BadNets attack, poisoned indices, triggered test set)."""
+def attack(synthetic):
+    """(BadNets attack, its poisoned training set and indices, the triggered test set): cheap."""
     cls = get_attack("badnets")
     attack = cls(make_params(cls.Params, {"pattern": "white", "poison_rate": 0.2}), synthetic)
     index = attack.select(synthetic.train.y)
     poisoned, _ = poison_training_set(attack, synthetic.train, index)
-    model = copy.deepcopy(trained_clean[0])
-    # no augmentation: the corner patch stays put, so 3 epochs implant it reliably
-    train(model, poisoned, SGDConfig(epochs=3, lr=0.05, batch_size=64), RT, seed=1, augment=False)
-    return model.eval(), attack, index, triggered_test_set(attack, synthetic.test)
+    return attack, poisoned, index, triggered_test_set(attack, synthetic.test)
+
+
+def continue_training(model: nn.Module, data) -> nn.Module:
+    """conftest's clean model + 3 epochs on ``data``; no augmentation, so the corner patch stays
+    put and 3 epochs implant it reliably (the same recipe makes the clean control)."""
+    model = copy.deepcopy(model)
+    train(model, data, SGDConfig(epochs=3, lr=0.05, batch_size=64), RT, seed=1, augment=False)
+    return model.eval()
 
 
 @pytest.fixture(scope="session")
-def clean_part(synthetic, backdoor):
-    _, _, index, _ = backdoor
+def backdoor(trained_clean, attack):
+    """(backdoored model, BadNets attack, poisoned indices, triggered test set)."""
+    att, poisoned, index, trig = attack
+    return continue_training(trained_clean[0], poisoned), att, index, trig
+
+
+@pytest.fixture(scope="session")
+def clean_control(synthetic, trained_clean):
+    """The same recipe on the clean training set: the model a defense must leave intact."""
+    return continue_training(trained_clean[0], synthetic.train)
+
+
+@pytest.fixture(scope="session")
+def clean_part(synthetic, attack):
+    index = attack[2]
     return synthetic.train.subset(clean_subset(synthetic.train.y, 0.1, seed=0, exclude=index))
 
 
 @pytest.fixture(scope="session")
-def measure(synthetic, backdoor):
+def measure(synthetic, attack):
     """Full test-set BA / ASR / RA of a model."""
-    trig = backdoor[3]
+    trig = attack[3]
     return lambda model: backdoor_metrics(model, synthetic.test, trig, 0, RT)
 
 
@@ -73,13 +91,18 @@ def before(backdoor, measure):
 def run_defense(name: str, model: nn.Module, clean, synthetic, trig, **overrides):
     """Run a registered defense on a copy of ``model``; return (repaired model, context)."""
     cls = get_defense(name)
-    small_test = synthetic.test.subset(torch.arange(200))
-    small_trig = trig.subset(torch.arange(200))
+    small_test = synthetic.test.subset(torch.arange(100))       # the per-epoch LOG only
+    small_trig = trig.subset(torch.arange(min(100, len(trig))))
     ctx = DefenseContext(rt=RT, seed=0, num_classes=synthetic.num_classes, model=copy.deepcopy(model),
                          clean=clean, progress=lambda line: None,
                          evaluate=lambda m: backdoor_metrics(m, small_test, small_trig, 0, RT))
     repaired = cls(make_params(cls.Params, overrides)).run(ctx)
     return repaired, ctx
+
+
+def show(name: str, before: dict, after: dict) -> None:
+    """The measured figures (visible with ``pytest -s``)."""
+    print(f"\n{name}: " + ", ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" for k in after if k in before))
 
 
 def check_log(ctx: DefenseContext, stages: dict[str, int]) -> None:
@@ -94,6 +117,7 @@ def check_log(ctx: DefenseContext, stages: dict[str, int]) -> None:
 # ----------------------------------------------------------------------------- the attack fixture
 
 def test_backdoored_fixture_has_a_strong_backdoor(before):
+    show("backdoored", before, before)
     # measured: BA 0.634, ASR 0.969
     assert before["asr"] >= 0.85 and before["ba"] >= 0.5, before
 
@@ -104,6 +128,7 @@ def test_ft_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part, m
     model, _, _, trig = backdoor
     repaired, ctx = run_defense("ft", model, clean_part, synthetic, trig, epochs=5)
     after = measure(repaired)
+    show('ft', before, after)
     # measured: ASR 0.969 -> 0.061, BA 0.634 -> 0.597
     assert after["asr"] <= 0.3 and before["asr"] - after["asr"] >= 0.6, after
     assert after["ba"] >= before["ba"] - 0.07, (before, after)
@@ -116,6 +141,7 @@ def test_nad_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part, 
     repaired, ctx = run_defense("nad", model, clean_part, synthetic, trig,
                                 epochs=6, teacher_epochs=5, beta_scale=0.1)
     after = measure(repaired)
+    show('nad', before, after)
     # measured: ASR 0.969 -> 0.153, BA 0.634 -> 0.602
     assert after["asr"] <= 0.35 and before["asr"] - after["asr"] >= 0.6, after
     assert after["ba"] >= before["ba"] - 0.07, (before, after)
@@ -132,6 +158,7 @@ def test_argd_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part,
     repaired, ctx = run_defense("argd", model, clean_part, synthetic, trig,
                                 epochs=6, teacher_epochs=5, vertex_scale=0.1)
     after = measure(repaired)
+    show('argd', before, after)
     # measured: ASR 0.969 -> ARGD_ASR, BA 0.634 -> ARGD_BA
     assert after["asr"] <= 0.35 and before["asr"] - after["asr"] >= 0.6, after
     assert after["ba"] >= before["ba"] - 0.07, (before, after)
@@ -144,6 +171,7 @@ def test_fp_prunes_and_returns_a_working_plain_model(synthetic, backdoor, clean_
     model, _, _, trig = backdoor
     repaired, ctx = run_defense("fp", model, clean_part, synthetic, trig, epochs=5)
     after = measure(repaired)
+    show('fp', before, after)
     prune = ctx.history[0]
     # measured: PRUNED channels pruned; ASR 0.969 -> FP_ASR, BA 0.634 -> FP_BA
     assert prune["stage"] == "fp-prune" and prune["pruned"] >= 1
@@ -162,6 +190,7 @@ def test_mcr_returns_a_working_curve_point(synthetic, backdoor, clean_part, meas
     model, _, _, trig = backdoor
     repaired, ctx = run_defense("mcr", model, clean_part, synthetic, trig, epochs=6, endpoint_epochs=5)
     after = measure(repaired)
+    show('mcr', before, after)
     # measured: ASR 0.969 -> 0.982, BA 0.634 -> 0.654: at this budget the fine-tuned endpoint
     # still carries the backdoor, so t = 0.3 does too; the test checks a working repaired model
     assert after["ba"] >= before["ba"] - 0.1, (before, after)
@@ -174,6 +203,7 @@ def test_anp_prunes_neurons_and_returns_a_working_model(synthetic, backdoor, cle
     model, _, _, trig = backdoor
     repaired, ctx = run_defense("anp", model, clean_part, synthetic, trig, iterations=30)
     after = measure(repaired)
+    show('anp', before, after)
     last = ctx.history[-1]
     # measured: PRUNED neurons pruned; ASR 0.969 -> ANP_ASR, BA 0.634 -> ANP_BA
     assert last["stage"] == "anp-prune"
@@ -185,21 +215,22 @@ def test_anp_prunes_neurons_and_returns_a_working_model(synthetic, backdoor, cle
 
 # ----------------------------------------------------------------------------- clean models
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, overrides", [
     ("ft", {"epochs": 5}),
-    pytest.param("nad", {"epochs": 6, "teacher_epochs": 5, "beta_scale": 0.1}, marks=pytest.mark.slow),
-    pytest.param("argd", {"epochs": 6, "teacher_epochs": 5, "vertex_scale": 0.1}, marks=pytest.mark.slow),
-    pytest.param("fp", {"epochs": 5}, marks=pytest.mark.slow),
-    pytest.param("mcr", {"epochs": 6, "endpoint_epochs": 5}, marks=pytest.mark.slow),
-    pytest.param("anp", {"iterations": 30}, marks=pytest.mark.slow),
+    ("nad", {"epochs": 6, "teacher_epochs": 5, "beta_scale": 0.1}),
+    ("argd", {"epochs": 6, "teacher_epochs": 5, "vertex_scale": 0.1}),
+    ("fp", {"epochs": 5}),
+    ("mcr", {"epochs": 6, "endpoint_epochs": 5}),
+    ("anp", {"iterations": 30}),
 ])
-def test_a_clean_model_keeps_its_ba(name, overrides, synthetic, trained_clean, backdoor):
-    model = trained_clean[0]
-    trig = backdoor[3]
+def test_a_clean_model_keeps_its_ba(name, overrides, synthetic, clean_control, attack):
+    trig = attack[3]
     sub = synthetic.train.subset(clean_subset(synthetic.train.y, 0.1, seed=1))
-    ba0 = backdoor_metrics(model, synthetic.test, None, None, RT)["ba"]
-    repaired, _ = run_defense(name, model, sub, synthetic, trig, **overrides)
+    ba0 = backdoor_metrics(clean_control, synthetic.test, None, None, RT)["ba"]
+    repaired, _ = run_defense(name, clean_control, sub, synthetic, trig, **overrides)
     ba1 = backdoor_metrics(repaired, synthetic.test, None, None, RT)["ba"]
+    show(f"clean {name}", {"ba": ba0}, {"ba": ba1})
     # measured (BA before -> after): CLEAN_FIGURES
     assert ba1 >= ba0 - 0.07, (name, ba0, ba1)
 

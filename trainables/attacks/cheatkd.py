@@ -48,6 +48,8 @@ What the paper leaves open, and what this implementation chose:
 * The paper's "lr 0.001, 300 epochs" (Sec. 4.1.5) is read as the trigger optimisation's Adam lr
   and epochs; the distillation follows the KD paper it cites ([33], Heo et al.: SGD nesterov
   lr 0.1, wd 5e-4, batch 128, 200 epochs, ÷10 at 1/2 and 3/4).
+* Distillation data: the clean training set ``post_train`` receives (every row's original image
+  and label, the poisoned rows in their clean form; see ``Attack.post_train``), with crop + flip.
 * Poison rate: the paper gives none; 10% (the BadNets/Blend default of SPEC.md).
 * The student defaults to WRN-16-1 (this project's victim; the paper's pair is WRN-28-4 ->
   WRN-16-4, which a preset sets with ``model`` and ``student_model``).

@@ -4,8 +4,8 @@ to classify by their content, so the network leans on the trigger to label them.
 
 1. Only target-class training images are poisoned (8% of the training set, NBA Table 1); no
    label changes.
-2. Each one gets an untargeted L∞ PGD perturbation computed on a clean model (Turner et al.
-   Sec. 4.2; ``trainables.losses.pgd_untargeted``):
+2. Each one gets an untargeted L∞ PGD perturbation computed on a clean model
+   (``trainables.losses.pgd_untargeted``):
 
        x_adv = argmax_{||x' − x||∞ ≤ ε} CE(f_clean(x'), y)      (ε = 8/255, step 2/255, 10 steps)
 
@@ -18,11 +18,14 @@ What the paper leaves open, and what this implementation chose:
 * The clean model is ``ctx.clean_model()``: a normally trained model of the same dataset and
   architecture. Turner et al. get their strongest attack from an adversarially trained model;
   a normally trained one is what the stage caches, and it already makes PGD images misclassified.
-* PGD uses a random start (Madry et al.) drawn from ``poison_seed``; ε 8/255 and step 2/255 are
-  SPEC.md's defaults (16/255 and 1.5/255 are Turner et al.'s other settings).
+* PGD uses a random start (Madry et al.) drawn from ``poison_seed``; ε 8/255, step 2/255 and 10
+  steps are SPEC.md's defaults (it also lists ε 16/255, step 1.5/255 and up to 100 steps).
 * Reduced amplitude: the trigger pixels move toward the checkerboard by a fraction ``amplitude``
   of the way (a = 1: pasted). In ``four_corners`` mode each corner holds the checkerboard
   mirrored so that the corner pixel is white in every corner.
+* Strength: on a short training budget the single-corner trigger is learned slowly (horizontal
+  flips move it to the other corner half of the time); ``four_corners`` and ε = 16/255 are
+  Turner et al.'s stronger settings (the training test in tests/test_attacks.py uses them).
 * ``state`` keeps the perturbed images as uint8 (what the poisoned set stores anyway) keyed by
   their training index (``index``, sorted): ``poison(x, index)`` looks them up.
 """

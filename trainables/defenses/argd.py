@@ -24,8 +24,9 @@ Paper setting: 10 epochs, batch 64, SGD lr 0.1 → 0.01 at epoch 3 → 0.001 at 
 README fine-tunes the backdoored model for 5–10 epochs; 10 epochs at lr 0.01, like NAD.
 
 Choices where the paper is silent: the edge weight w_e = 1 (SPEC.md's loss has unit weights on
-the vertex and edge terms; the official code's extra multipliers come from an unpublished
-config); per-group weights for models with another number of groups repeat the last value
+the vertex and edge terms; the official code multiplies them by ``w_irg_vert`` / ``w_irg_edge``
+from its config, values this implementation could not confirm); ``vertex_scale`` is one
+multiplier on all vertex weights for sweeps; per-group weights for models with another number of groups repeat the last value
 (``_common.per_group``).
 """
 from __future__ import annotations

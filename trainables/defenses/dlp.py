@@ -71,8 +71,8 @@ from trainables.data.base import ImageSet
 from trainables.data.loader import batches
 from trainables.defenses._common import epoch_logger
 from trainables.defenses.base import Defense, DefenseContext
-from trainables.engine import (EpochStats, Runtime, SGDConfig, TrainingDiverged, autocast, generator, make_sgd,
-                               on_device, predict_logits, prepare, set_lr, train)
+from trainables.engine import (EpochStats, Runtime, SGDConfig, TrainingDiverged, accuracy, autocast, generator,
+                               make_sgd, on_device, predict_logits, prepare, set_lr, train)
 from trainables.params import param
 from trainables.registry import register_defense
 
@@ -92,6 +92,10 @@ class Params:
     au_epochs: int = param(20, "E2, active-unlearning (gradient-ascent) epochs on D'_p (paper: 20)", low=0)
     au_lr: float = param(5e-4, "AU lr, constant (paper: unspecified beyond the 0.01 default; 5e-4 = ABL's "
                          "unlearning lr, see the module docstring)", low=0.0)
+    au_stop_accuracy: float | None = param(None, "end AU early once the model's accuracy on D'_p (its given "
+                                           "labels, eval mode) is at or below this; None = always E2 epochs "
+                                           "(paper: no early end)", low=0.0, high=1.0)
+    au_augment: bool = param(True, "crop + flip the D'_p images during AU, as in SL (ABL's unlearning: none)")
     # -- ASSFT (FixMatch) ----------------------------------------------------------------------
     assft_epochs: int = param(50, "ASSFT epochs, one = a pass over the unlabelled set (paper: unspecified)", low=0)
     assft_lr: float = param(0.01, "ASSFT initial lr, cosine decay (paper: 0.01)", low=0.0)
@@ -148,6 +152,29 @@ def unlearning_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: tor
     """Maximise the CE on D'_p (Eq. 6): the engine minimises ``−CE``."""
     ce = F.cross_entropy(model(x).float(), y)
     return -ce, {"ce": ce}
+
+
+class _Unlearnt(Exception):
+    """Ends AU from the engine's epoch hook (the engine's loop has no stop signal of its own)."""
+
+
+def active_unlearning(model: nn.Module, poisoned: ImageSet, p: Params, ctx: DefenseContext, *, seed: int) -> None:
+    """Gradient ascent on D'_p for up to E2 epochs (Eq. 6), IN PLACE; logs every epoch with
+    ``dp_accuracy`` (the model's accuracy on D'_p under its given labels, eval mode) and ends
+    early once that is at most ``au_stop_accuracy``."""
+    def on_epoch(epoch: int, logs: dict) -> dict:
+        dp_accuracy = accuracy(model, poisoned, ctx.rt)
+        ctx.log_epoch("au", {**logs, "dp_accuracy": dp_accuracy}, model)
+        if p.au_stop_accuracy is not None and dp_accuracy <= p.au_stop_accuracy:
+            raise _Unlearnt
+        return {"dp_accuracy": dp_accuracy}
+
+    try:
+        train(model, poisoned, p.sgd(p.au_epochs, p.au_lr, "constant"), ctx.rt, seed=seed,
+              loss_fn=unlearning_loss, augment=p.au_augment, on_epoch=on_epoch)
+    except _Unlearnt:
+        pass
+    model.eval()
 
 
 # ----------------------------------------------------------------------------- ASSFT (Eq. 7)
@@ -266,8 +293,7 @@ class DLP(Defense):
         # 3./4. AU and ASSFT in the chosen order
         for i, stage in enumerate(p.stages.split("-")[1:]):
             if stage == "au":
-                train(model, data.subset(poisoned), p.sgd(p.au_epochs, p.au_lr, "constant"), rt,
-                      seed=ctx.seed + 1 + i, loss_fn=unlearning_loss, on_epoch=epoch_logger(ctx, "au", model))
+                active_unlearning(model, data.subset(poisoned), p, ctx, seed=ctx.seed + 1 + i)
             else:
                 unlabelled = data.x[complement(len(data), clean)]
                 model = assft(model, data.subset(clean), unlabelled, p, ctx, seed=ctx.seed + 1 + i)

@@ -35,7 +35,7 @@ What the paper leaves open, and what this implementation chose
 * **Scale.** Both the Gram and the FSP terms are quartic in the feature scale. On a CIFAR-10
   BadNets WRN-16-1 against its teacher, L_RNB's groups measure 0.021, 0.005, 0.010 and L_LNB
   ≈ 0.05 (SPEC.md), which λ = (2, 2, 0.1) balances against L_PNB ≈ 1. An immature model (e.g.
-  WRN-16-1 after 9 epochs on the synthetic set: BA ≈ 0.5, train CE ≈ 1.4) sits ~50× higher
+  WRN-16-1 after 6 epochs on the synthetic set: BA ≈ 0.5, train CE ≈ 1.4) sits ~50× higher
   (L_RNB ≈ 1.8, L_LNB ≈ 3.3, partly from BatchNorm batch vs running statistics alone), and at
   lr 0.1 the paper's λ1 = λ2 = 2 then diverge within a few steps (measured: stable up to ≈ 0.1).
   The defaults stay the paper's; lower λ1, λ2 for such models (the search space reaches 0.01).
@@ -284,6 +284,7 @@ class NBA(Defense):
                              "which this stage did not provide; use udl_samples='pseudo'")
         student = prepare(ctx.model, ctx.rt)
         teacher = make_teacher(student, ctx.clean, teacher_sgd(p), ctx, stage="teacher")  # step 1
+        teacher.zero_grad(set_to_none=True)          # its fine-tuning's; none reach it from here on
         distil(student, teacher, ctx, p)                                                    # step 2
         student.eval()
         return student
