@@ -41,7 +41,7 @@ Preset fields (defaults in brackets)::
     max_failures: 0                    Tune retries of a failed trial
     selection: {rule: ba_within, ba_tolerance: 2.0, metric: null, mode: null, ba_metric: null}
       rule ba_within: best ``metric`` (first objective) among fully trained configs whose
-      ``ba_metric`` is within ``ba_tolerance`` points of the best; min_metric: best ``metric``
+      ``ba_metric`` is within ``ba_tolerance`` points of the best; best_metric: the best ``metric``
       regardless of BA; max_der: highest DER.
     ray: {num_cpus: null, num_gpus: null, object_store_mb: 512}   a LOCAL Ray's size
 """
@@ -63,7 +63,7 @@ from sweep.spaces import Dist, SpaceError, load_space, narrow
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 SAMPLERS = ("tpe", "nsga2", "random")
-RULES = ("ba_within", "min_metric", "max_der")
+RULES = ("ba_within", "best_metric", "max_der")
 DEFENSE_METRICS = ("asr", "ba", "ra", "der")
 KINDS = ("defense", "attack")
 

@@ -624,11 +624,14 @@ def plot_curves(cfg, runs, best, tracker, out: Path) -> list[Path]:
                 for metric, style in (("asr", "-"), ("ba", "--")):
                     hist = tracker.client.get_metric_history(e["run_id"], metric)
                     pts = sorted({h.step: h.value for h in sorted(hist, key=lambda h: h.timestamp)}.items())
+                    before = e["metrics"].get(f"{metric}_before")
+                    if pts and before is not None:
+                        pts = [(0, before)] + pts          # step 0: the backdoored model
                     if pts:
                         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, c=color,
                                 label=f"{metric} ({kind.replace('_', ' ')})")
             ax.set_title(f"{a} / {d.name}")
-            ax.set_xlabel("epoch (all stages)")
+            ax.set_xlabel("epoch (all stages; 0 = before the defense)")
             ax.set_ylabel("%")
             ax.set_ylim(-2, 102)
             ax.grid(alpha=0.3)

@@ -5,7 +5,7 @@ The backdoored model: conftest's clean WRN-16-1 (6 epochs) further trained 3 epo
 training set (white 3×3 corner patch, 20 % poisoned: a strong backdoor within a CPU budget).
 Each defense gets a 10 % clean subset of the training set (300 images, none poisoned) and a
 scaled-down budget; figures measured on a 2-core CPU are quoted beside each assertion.
-The backdoored model is immature (BA ≈ 63 %, train CE ≈ 1), which makes NAD's and ARGD's paper
+The backdoored model is immature (BA ≈ 60 %, train CE ≈ 1), which makes NAD's and ARGD's paper
 β at lr 0.1 unstable (its BatchNorm batch statistics alone give a layer-3 attention loss of ≈ 0.3
 at identical weights); their tests keep the paper's lr schedule and scale the attention weights
 by 0.1 (``beta_scale`` / ``vertex_scale``).
@@ -118,7 +118,7 @@ def check_log(ctx: DefenseContext, stages: dict[str, int]) -> None:
 
 def test_backdoored_fixture_has_a_strong_backdoor(before):
     show("backdoored", before, before)
-    # measured: BA 0.634, ASR 0.969
+    # measured: BA 0.591, ASR 0.950 (0.634 / 0.969 with one thread: CPU float order varies)
     assert before["asr"] >= 0.85 and before["ba"] >= 0.5, before
 
 
@@ -129,7 +129,7 @@ def test_ft_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part, m
     repaired, ctx = run_defense("ft", model, clean_part, synthetic, trig, epochs=5)
     after = measure(repaired)
     show('ft', before, after)
-    # measured: ASR 0.969 -> 0.061, BA 0.634 -> 0.597
+    # measured: ASR 0.950 -> 0.061, BA 0.591 -> 0.588
     assert after["asr"] <= 0.3 and before["asr"] - after["asr"] >= 0.6, after
     assert after["ba"] >= before["ba"] - 0.07, (before, after)
     assert not repaired.training
@@ -142,7 +142,7 @@ def test_nad_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part, 
                                 epochs=6, teacher_epochs=5, beta_scale=0.1)
     after = measure(repaired)
     show('nad', before, after)
-    # measured: ASR 0.969 -> 0.153, BA 0.634 -> 0.602
+    # measured: ASR 0.950 -> 0.031, BA 0.591 -> 0.647
     assert after["asr"] <= 0.35 and before["asr"] - after["asr"] >= 0.6, after
     assert after["ba"] >= before["ba"] - 0.07, (before, after)
     assert not repaired.training
@@ -159,7 +159,7 @@ def test_argd_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part,
                                 epochs=6, teacher_epochs=5, vertex_scale=0.1)
     after = measure(repaired)
     show('argd', before, after)
-    # measured: ASR 0.969 -> ARGD_ASR, BA 0.634 -> ARGD_BA
+    # measured: ASR 0.950 -> 0.112, BA 0.591 -> 0.547
     assert after["asr"] <= 0.35 and before["asr"] - after["asr"] >= 0.6, after
     assert after["ba"] >= before["ba"] - 0.07, (before, after)
     check_log(ctx, {"argd-teacher": 5, "argd": 6})
@@ -173,7 +173,7 @@ def test_fp_prunes_and_returns_a_working_plain_model(synthetic, backdoor, clean_
     after = measure(repaired)
     show('fp', before, after)
     prune = ctx.history[0]
-    # measured: PRUNED channels pruned; ASR 0.969 -> FP_ASR, BA 0.634 -> FP_BA
+    # measured: ASR 0.950 -> 0.399, BA 0.591 -> 0.635 (FP is the weakest here, as in NBA Table 2)
     assert prune["stage"] == "fp-prune" and prune["pruned"] >= 1
     assert prune["clean_acc_pruned"] >= 0.9 * prune["clean_acc_before"] - 1e-9   # the 10 % rule held
     assert after["ba"] >= before["ba"] - 0.1, (before, after)
@@ -191,7 +191,7 @@ def test_mcr_returns_a_working_curve_point(synthetic, backdoor, clean_part, meas
     repaired, ctx = run_defense("mcr", model, clean_part, synthetic, trig, epochs=6, endpoint_epochs=5)
     after = measure(repaired)
     show('mcr', before, after)
-    # measured: ASR 0.969 -> 0.982, BA 0.634 -> 0.654: at this budget the fine-tuned endpoint
+    # measured: ASR 0.950 -> 0.971, BA 0.591 -> 0.597: at this budget the fine-tuned endpoint
     # still carries the backdoor, so t = 0.3 does too; the test checks a working repaired model
     assert after["ba"] >= before["ba"] - 0.1, (before, after)
     assert not repaired.training
@@ -205,7 +205,7 @@ def test_anp_prunes_neurons_and_returns_a_working_model(synthetic, backdoor, cle
     after = measure(repaired)
     show('anp', before, after)
     last = ctx.history[-1]
-    # measured: PRUNED neurons pruned; ASR 0.969 -> ANP_ASR, BA 0.634 -> ANP_BA
+    # measured (30 iterations): ASR 0.950 -> 0.813, BA 0.591 -> 0.592
     assert last["stage"] == "anp-prune"
     zero = sum(int((m.weight == 0).sum()) for m in repaired.modules() if isinstance(m, nn.BatchNorm2d))
     assert zero == int(last["pruned"])

@@ -64,7 +64,7 @@ def test_pareto_front_and_the_ba_within_rule():
     front = pareto_front(df, (("asr", "min"), ("ba", "max")))
     assert list(front["run_id"]) == ["r2", "r1", "r0"]
     assert select_best(df, SEL)["run_id"] == "r1"
-    assert select_best(df, Selection("min_metric", 2.0, "asr", "min", "ba"))["run_id"] == "r2"
+    assert select_best(df, Selection("best_metric", 2.0, "asr", "min", "ba"))["run_id"] == "r2"
     assert select_best(df.iloc[4:], SEL) is None          # no candidate at all
 
 
@@ -368,3 +368,21 @@ def test_dlp_table3_layout_puts_the_papers_numbers_beside_ours():
     assert "| no defense | 90.00 / 99.00 (91.31 / 100.00) |" in md
     long = tables["results_long"]
     assert len(long) == 5 * (1 + 4) and long[long["defense"] == "anp"]["paper_ba"].tolist()[0] == 90.16
+
+
+def test_ctrl_c_and_sigterm_stop_the_sweep_instead_of_one_tuner():
+    """Ray Tune swallows the first Ctrl-C and ends only the running Tuner; during a sweep its
+    handler is off (KeyboardInterrupt reaches the runner, which closes the open runs) and
+    SIGTERM raises too. Both settings are put back afterwards."""
+    import signal
+
+    from sweep.runner import SweepInterrupted, _interruptible
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SweepInterrupted):
+        with _interruptible():
+            assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ

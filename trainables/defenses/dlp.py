@@ -33,16 +33,27 @@ What the paper leaves open, and what this implementation chose
 * **D'_c size.** The paper says "the last n×γ samples are filtered out from each class"; SPEC.md
   fixes n·γ/C per class (n·γ in all, consistent with the paper's "only 50 samples" at γ = 0.1% of
   CIFAR-10). Both sizes are rounded, at least 1; D'_p is excluded from D'_c.
-* **AU learning rate** (``au_lr``): the paper names only the global default lr 0.01. Gradient
-  ascent has no minimum to settle in: at 0.01 with momentum, 20 epochs drive the CE on D'_p
-  up without bound and take the clean task down with it, while ABL's unlearning lr 5e-4 (the
-  paper's own inspiration, Li et al. 2021) removes the trigger response and costs little BA. Default
-  5e-4, constant; the search space covers 1e-4 … 1e-2.
+* **AU learning rate and length** (``au_lr``, ``au_epochs``, ``au_stop_accuracy``). The paper
+  names only its global default lr 0.01, at which gradient ascent (it has no minimum) sends the
+  CE on D'_p up without bound within a few steps. Default: ABL's unlearning lr 5e-4 (the paper's
+  inspiration, Li et al. 2021), constant, for the paper's E2 = 20 epochs. Measured on the
+  synthetic set (a small CNN, BadNets, E1 = 10, γ = 5%, D'_p precision 0.99): ASR 1 → 0 after
+  10 of the 20 epochs at BA 0.72 → 0.665; the other 10 raise the CE on D'_p from 10 to 46 and
+  cost BA down to 0.37; three ASSFT epochs then bring BA back to 0.60 with ASR still 0.
+  Ending AU once D'_p is unlearnt (``au_stop_accuracy``) keeps BA higher after AU, but the
+  unlearning is then superficial: the next fine-tuning restores the trigger (ASR 0 → 0.67 → 0.98
+  over the first two ASSFT epochs, with λu = 0 as well). So the early end is off by default.
+  Since every image in D'_p carries the target label, AU also lowers the target class as a whole:
+  in the runs above, no clean target-class test image is classified correctly after AU, nor after
+  three ASSFT epochs. BatchNorm stays in training mode (as in ABL's unlearning).
+* **AU augmentation** (``au_augment``): crop + flip, as in SL. Measured with the early end on:
+  D'_p unlearnt in 10 epochs at BA 0.53, against 20 epochs at BA 0.435 without augmentation (the
+  un-augmented poisoned images start at CE 0.02, so the ascent starts slowly, then runs away).
 * **Schedules, weight decay, augmentation**: SL and AU use a constant lr (the paper names no
   decay); ASSFT a cosine decay over its epochs (FixMatch decays its lr). Weight decay 5e-4
-  everywhere (FixMatch's CIFAR setting; the paper gives none). SL and AU train on the engine's
-  crop (pad 4) + flip; ASSFT's labelled batch gets the weak view, its unlabelled batch both
-  views, drawn independently.
+  everywhere (FixMatch's CIFAR setting; the paper gives none). SL trains on the engine's crop
+  (pad 4) + flip; ASSFT's labelled batch gets the weak view, its unlabelled batch both views,
+  drawn independently.
 * **An ASSFT epoch** is one pass over the unlabelled set in batches of μ·B (B = ``batch_size``
   labelled images per step, cycled through reshuffled passes of D'_c): ``ceil(|U| / (μ·B))``
   steps, each seeing B labelled and μ·B unlabelled images (both views). On CIFAR-10 (γ = 1%)
