@@ -9,8 +9,24 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the slow tier: the training-heavy tests of each method's figures")
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "slow: the slow tier (training-heavy); run with --slow or -m slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The default run is the fast tier (< 10 min on 2 cores); ``--slow`` adds the slow tier and
+    an explicit ``-m`` expression selects by itself. CI runs both tiers."""
+    if config.getoption("--slow") or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,13 @@
 """The six post-training baselines (FT, FP, MCR, NAD, ARGD, ANP) against one BadNets-backdoored
 WRN-16-1 on the synthetic set, plus their small mechanics on hand-made tensors.
 
-The backdoored model: conftest's clean WRN-16-1 (6 epochs) further trained 3 epochs on a BadNets
-training set (white 3×3 corner patch, 20 % poisoned: a strong backdoor within a CPU budget).
-Each defense gets a 10 % clean subset of the training set (300 images, none poisoned) and a
-scaled-down budget; figures measured on a 2-core CPU are quoted beside each assertion.
-The backdoored model is immature (BA ≈ 60 %, train CE ≈ 1), which makes NAD's and ARGD's paper
-β at lr 0.1 unstable (its BatchNorm batch statistics alone give a layer-3 attention loss of ≈ 0.3
-at identical weights); their tests keep the paper's lr schedule and scale the attention weights
-by 0.1 (``beta_scale`` / ``vertex_scale``).
+The backdoored model: conftest's clean WRN-16-1 (8 epochs) further trained 3 epochs on a BadNets
+training set (white 3×3 corner patch, 20 % poisoned: a strong backdoor within a CPU budget; BA
+0.931, ASR 0.996). Each defense gets a 10 % clean subset of the training set (300 images, none
+poisoned) and a scaled-down budget; figures measured on a 2-core CPU are quoted beside each
+assertion. NAD's and ARGD's tests keep the paper's lr schedule and scale the attention weights by
+0.1 (``beta_scale`` / ``vertex_scale``): chosen when this fixture was a less trained model (BA ≈
+0.6) on which the paper's β at lr 0.1 was unstable.
 """
 from __future__ import annotations
 
@@ -118,7 +117,7 @@ def check_log(ctx: DefenseContext, stages: dict[str, int]) -> None:
 
 def test_backdoored_fixture_has_a_strong_backdoor(before):
     show("backdoored", before, before)
-    # measured: BA 0.591, ASR 0.950 (0.634 / 0.969 with one thread: CPU float order varies)
+    # measured: BA 0.931, ASR 0.996
     assert before["asr"] >= 0.85 and before["ba"] >= 0.5, before
 
 
@@ -129,7 +128,7 @@ def test_ft_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part, m
     repaired, ctx = run_defense("ft", model, clean_part, synthetic, trig, epochs=5)
     after = measure(repaired)
     show('ft', before, after)
-    # measured: ASR 0.950 -> 0.061, BA 0.591 -> 0.588
+    # measured: ASR 0.996 -> 0.007, BA 0.931 -> 0.869
     assert after["asr"] <= 0.3 and before["asr"] - after["asr"] >= 0.6, after
     assert after["ba"] >= before["ba"] - 0.07, (before, after)
     assert not repaired.training
@@ -142,7 +141,7 @@ def test_nad_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part, 
                                 epochs=6, teacher_epochs=5, beta_scale=0.1)
     after = measure(repaired)
     show('nad', before, after)
-    # measured: ASR 0.950 -> 0.031, BA 0.591 -> 0.647
+    # measured: ASR 0.996 -> 0.214, BA 0.931 -> 0.874
     assert after["asr"] <= 0.35 and before["asr"] - after["asr"] >= 0.6, after
     assert after["ba"] >= before["ba"] - 0.07, (before, after)
     assert not repaired.training
@@ -159,7 +158,7 @@ def test_argd_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part,
                                 epochs=6, teacher_epochs=5, vertex_scale=0.1)
     after = measure(repaired)
     show('argd', before, after)
-    # measured: ASR 0.950 -> 0.112, BA 0.591 -> 0.547
+    # measured: ASR 0.996 -> 0.122, BA 0.931 -> 0.877
     assert after["asr"] <= 0.35 and before["asr"] - after["asr"] >= 0.6, after
     assert after["ba"] >= before["ba"] - 0.07, (before, after)
     check_log(ctx, {"argd-teacher": 5, "argd": 6})
@@ -173,7 +172,7 @@ def test_fp_prunes_and_returns_a_working_plain_model(synthetic, backdoor, clean_
     after = measure(repaired)
     show('fp', before, after)
     prune = ctx.history[0]
-    # measured: ASR 0.950 -> 0.399, BA 0.591 -> 0.635 (FP is the weakest here, as in NBA Table 2)
+    # measured: ASR 0.996 -> 0.960, BA 0.931 -> 0.926 (FP is the weakest here, as in NBA Table 2)
     assert prune["stage"] == "fp-prune" and prune["pruned"] >= 1
     assert prune["clean_acc_pruned"] >= 0.9 * prune["clean_acc_before"] - 1e-9   # the 10 % rule held
     assert after["ba"] >= before["ba"] - 0.1, (before, after)
@@ -191,7 +190,7 @@ def test_mcr_returns_a_working_curve_point(synthetic, backdoor, clean_part, meas
     repaired, ctx = run_defense("mcr", model, clean_part, synthetic, trig, epochs=6, endpoint_epochs=5)
     after = measure(repaired)
     show('mcr', before, after)
-    # measured: ASR 0.950 -> 0.971, BA 0.591 -> 0.597: at this budget the fine-tuned endpoint
+    # measured: ASR 0.996 -> 1.000, BA 0.931 -> 0.909: at this budget the fine-tuned endpoint
     # still carries the backdoor, so t = 0.3 does too; the test checks a working repaired model
     assert after["ba"] >= before["ba"] - 0.1, (before, after)
     assert not repaired.training
@@ -205,7 +204,7 @@ def test_anp_prunes_neurons_and_returns_a_working_model(synthetic, backdoor, cle
     after = measure(repaired)
     show('anp', before, after)
     last = ctx.history[-1]
-    # measured (30 iterations): ASR 0.950 -> 0.813, BA 0.591 -> 0.592
+    # measured (30 iterations): ASR 0.996 -> 0.493, BA 0.931 -> 0.920
     assert last["stage"] == "anp-prune"
     zero = sum(int((m.weight == 0).sum()) for m in repaired.modules() if isinstance(m, nn.BatchNorm2d))
     assert zero == int(last["pruned"])
@@ -217,7 +216,9 @@ def test_anp_prunes_neurons_and_returns_a_working_model(synthetic, backdoor, cle
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, overrides", [
-    ("ft", {"epochs": 5}),
+    # FT at its default lr 0.1 costs a clean model ~10 points on 300 images (measured: BA 0.938 ->
+    # 0.842); lr 0.01 is the other references' setting (see ft.py)
+    ("ft", {"epochs": 5, "lr": 0.01}),
     ("nad", {"epochs": 6, "teacher_epochs": 5, "beta_scale": 0.1}),
     ("argd", {"epochs": 6, "teacher_epochs": 5, "vertex_scale": 0.1}),
     ("fp", {"epochs": 5}),
@@ -231,7 +232,7 @@ def test_a_clean_model_keeps_its_ba(name, overrides, synthetic, clean_control, a
     repaired, _ = run_defense(name, clean_control, sub, synthetic, trig, **overrides)
     ba1 = backdoor_metrics(repaired, synthetic.test, None, None, RT)["ba"]
     show(f"clean {name}", {"ba": ba0}, {"ba": ba1})
-    # measured (BA before -> after): CLEAN_FIGURES
+    # measured (BA 0.938 before): ft 0.964, nad 0.934, argd 0.936, fp 0.954, mcr 0.970, anp 0.941
     assert ba1 >= ba0 - 0.07, (name, ba0, ba1)
 
 
@@ -258,15 +259,17 @@ def test_per_group_weights_repeat_the_last_value():
 
 
 def test_fp_amount_stops_before_the_accuracy_drop():
-    # 4 channels, class = which of channels 0/1 is larger; channels 2, 3 carry nothing useful
-    feats = torch.tensor([[1.0, 0.0, 0.1, 0.2], [0.0, 1.0, 0.1, 0.2], [2.0, 0.0, 0.1, 0.2], [0.0, 2.0, 0.1, 0.2]])
+    # 4 channels, class = which of channels 0/1 is larger; channels 2, 3 carry nothing useful.
+    # Distinct channel means (0.75 < 1.0) fix the pruning order without relying on argsort's tie
+    # order, and the bias makes a class-0 image with channel 0 pruned come out as class 1.
+    feats = torch.tensor([[1.0, 0.0, 0.1, 0.2], [0.0, 1.5, 0.1, 0.2], [2.0, 0.0, 0.1, 0.2], [0.0, 2.5, 0.1, 0.2]])
     labels = torch.tensor([0, 1, 0, 1])
     fc = nn.Linear(4, 2)
     with torch.no_grad():
         fc.weight.copy_(torch.tensor([[1.0, -1.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0]]))
-        fc.bias.zero_()
-    order = feats.mean(0).argsort()               # increasing activation: 2, 3, then 0/1
-    assert order[:2].tolist() == [2, 3]
+        fc.bias.copy_(torch.tensor([-0.1, 0.1]))
+    order = feats.mean(0).argsort()               # increasing activation: 2, 3, 0, 1
+    assert order.tolist() == [2, 3, 0, 1]
     params = fp_mod.Params(step=0.25, max_ratio=1.0)
     k, trace = fp_mod.choose_amount(feats, labels, fc, order, params)
     assert k == 2                                 # pruning a third channel costs half the accuracy
