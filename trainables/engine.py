@@ -122,8 +122,11 @@ class SGDConfig:
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     lr_values: tuple[float, ...] = ()
+    max_grad_norm: float | None = None     # clip the global gradient norm; None = off (the papers')
 
     def __post_init__(self):
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be positive (or None: no clipping)")
         if self.epochs < 0 or self.batch_size < 1 or not self.lr >= 0:
             raise ValueError(f"bad training budget: epochs={self.epochs} batch_size={self.batch_size} lr={self.lr}")
         if self.schedule not in ("cosine", "constant", "multistep", "piecewise"):
@@ -209,6 +212,8 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
                 loss, logs = loss_fn(model, _fmt(x, rt), y, idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], cfg.max_grad_norm)
             opt.step()
             stats.add({"loss": loss, **logs}, len(y))
         logs = stats.means()

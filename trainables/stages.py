@@ -56,7 +56,11 @@ class AttackStageSpec:
     seed: int = 0
 
     def key(self) -> dict:
-        return {"stage": "attack", **dataclasses.asdict(self)}
+        # optional training features that are off (None) leave the key unchanged, so adding one
+        # to SGDConfig does not rename every cached stage
+        key = {"stage": "attack", **dataclasses.asdict(self)}
+        key["train"] = {k: v for k, v in self.train.items() if v is not None}
+        return key
 
     def hash(self) -> str:
         return spec_hash(self.key())
