@@ -584,13 +584,17 @@ def plot_pareto(cfg, runs, best, out: Path) -> list[Path]:
             ax.set_ylabel(f"{my} (%)")
             ax.set_title(f"{a}" + (f" / {name}" if name else ""))
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        path = out / f"pareto_{name or 'attack'}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save_figure(plt, fig, axes, out / f"pareto_{name or 'attack'}.png"))
     return files
+
+
+def _save_figure(plt, fig, axes, path: Path) -> Path:
+    """Legend on the first panel (the others repeat it), write ``path``, free the figure."""
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _mark(ax, entry, mx, my, marker, color, label, size, hollow=False):
@@ -635,10 +639,5 @@ def plot_curves(cfg, runs, best, tracker, out: Path) -> list[Path]:
             ax.set_ylabel("%")
             ax.set_ylim(-2, 102)
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        path = out / f"curves_{d.name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save_figure(plt, fig, axes, out / f"curves_{d.name}.png"))
     return files

@@ -188,6 +188,20 @@ class EpochStats:
         return {k: float(v) / max(1, self.count) for k, v in self.sums.items()}
 
 
+def epoch_logs(stats: EpochStats, epoch: int, opt: torch.optim.Optimizer, start: float,
+               where: str = "") -> dict:
+    """The end of 0-based ``epoch`` begun at ``perf_counter()`` time ``start``: the mean terms plus
+    ``epoch``, ``lr``, ``seconds`` and ``images_per_second``. A NaN or infinite mean loss raises
+    ``TrainingDiverged`` (its message starts with ``where``, e.g. a stage name)."""
+    logs = stats.means()
+    if not math.isfinite(logs["loss"]):
+        raise TrainingDiverged(f"{where + ': ' if where else ''}loss is {logs['loss']} at epoch {epoch + 1}")
+    seconds = time.perf_counter() - start
+    logs.update(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], seconds=seconds,
+                images_per_second=stats.count / max(seconds, 1e-9))
+    return logs
+
+
 def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed: int,
           loss_fn: LossFn = cross_entropy_loss, augment: bool = True,
           params: Iterable[torch.nn.Parameter] | None = None,
@@ -216,12 +230,7 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
                 torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], cfg.max_grad_norm)
             opt.step()
             stats.add({"loss": loss, **logs}, len(y))
-        logs = stats.means()
-        if not math.isfinite(logs["loss"]):
-            raise TrainingDiverged(f"loss is {logs['loss']} at epoch {epoch + 1}")
-        seconds = time.perf_counter() - start
-        logs.update(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], seconds=seconds,
-                    images_per_second=stats.count / max(seconds, 1e-9))
+        logs = epoch_logs(stats, epoch, opt, start)
         if on_epoch is not None:
             logs.update(on_epoch(epoch + 1, logs) or {})
         history.append(logs)

@@ -1,4 +1,4 @@
-"""Pieces several post-training defenses share, written once.
+"""Pieces several defenses share (post-training ones, and ABL / DLP), written once.
 
 * ``epoch_logger(ctx, stage, model)``: the ``on_epoch`` hook that sends every epoch of every
   phase to ``ctx.log_epoch`` (which adds test metrics for the LOG only);
@@ -6,13 +6,19 @@
   subset with the engine's loop — FT itself, FP's recovery phase, MCR's second endpoint and the
   teacher of NAD / ARGD / NBA;
 * ``make_teacher(model, clean, cfg, ctx)``: a fine-tuned, frozen, eval-mode copy (the teacher);
-* ``per_group(weights, n)``: per-layer-group loss weights for a model with ``n`` groups.
+* ``per_group(weights, n)``: per-layer-group loss weights for a model with ``n`` groups;
+* ``check_lr_steps(p)``, ``student_sgd(p)``, ``teacher_sgd(p)``: the SGD settings NAD and ARGD
+  share (NBA's teacher too), read from the method's own ``Params``;
+* ``complement(n, index)``: the indices of ``range(n)`` not in ``index`` (ABL's and DLP's split);
+* ``unlearning_loss``: gradient ascent, the engine ``loss_fn`` of ABL's unlearning and DLP's AU.
 """
 from __future__ import annotations
 
 import copy
 from typing import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trainables.data.base import ImageSet
@@ -60,3 +66,40 @@ def per_group(weights: tuple[float, ...], groups: int) -> tuple[float, ...]:
     if not weights:
         raise ValueError("need at least one per-group weight")
     return tuple(weights[min(i, len(weights) - 1)] for i in range(groups))
+
+
+# ----------------------------------------------------------------------------- distillation SGD
+
+def check_lr_steps(p) -> None:
+    """Fail when ``Params`` is built, not when training starts: one lr value per milestone."""
+    if len(p.milestones) != len(p.lr_values):
+        raise ValueError("milestones and lr_values need the same length")
+
+
+def student_sgd(p) -> SGDConfig:
+    """NAD's / ARGD's distillation: momentum 0.9, nesterov, lr ``p.lr`` then ``p.lr_values[i]``
+    from epoch ``p.milestones[i]`` on."""
+    return SGDConfig(epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, momentum=0.9,
+                     weight_decay=p.weight_decay, nesterov=True, schedule="piecewise",
+                     milestones=p.milestones, lr_values=p.lr_values)
+
+
+def teacher_sgd(p, momentum: float = 0.9) -> SGDConfig:
+    """NAD's teacher fine-tuning (ARGD's and NBA's too): constant lr ``p.teacher_lr``, nesterov."""
+    return SGDConfig(epochs=p.teacher_epochs, lr=p.teacher_lr, batch_size=p.batch_size, momentum=momentum,
+                     weight_decay=p.weight_decay, nesterov=True, schedule="constant")
+
+
+# ----------------------------------------------------------------------------- unlearning
+
+def complement(n: int, index: torch.Tensor) -> torch.Tensor:
+    """Sorted indices of ``range(n)`` that are not in ``index`` (on the CPU)."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[index.cpu()] = False
+    return keep.nonzero(as_tuple=True)[0]
+
+
+def unlearning_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+    """Gradient ascent on the given examples: the engine minimises ``−CE`` (the CE is logged)."""
+    ce = F.cross_entropy(model(x).float(), y)
+    return -ce, {"ce": ce}

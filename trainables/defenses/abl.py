@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.defenses._common import epoch_logger
+from trainables.defenses._common import complement, epoch_logger, unlearning_loss
 from trainables.defenses.base import Defense, DefenseContext
 from trainables.engine import SGDConfig, predict_logits, prepare, train
 from trainables.params import param
@@ -97,12 +97,6 @@ def isolation_loss_fn(p: Params):
     return loss_fn
 
 
-def unlearning_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
-    """Gradient ascent on the isolated examples: minimise ``−CE``."""
-    ce = F.cross_entropy(model(x).float(), y)
-    return -ce, {"ce": ce}
-
-
 # ----------------------------------------------------------------------------- isolation
 
 def lowest_loss(model: nn.Module, data, ratio: float, rt) -> torch.Tensor:
@@ -112,12 +106,6 @@ def lowest_loss(model: nn.Module, data, ratio: float, rt) -> torch.Tensor:
     losses = F.cross_entropy(logits, data.y.to(logits.device), reduction="none")
     k = min(len(losses), max(1, round(ratio * len(losses))))
     return losses.argsort()[:k].sort().values.cpu()
-
-
-def complement(n: int, index: torch.Tensor) -> torch.Tensor:
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[index.cpu()] = False
-    return keep.nonzero(as_tuple=True)[0]
 
 
 @register_defense

@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.defenses._common import epoch_logger, make_teacher, per_group
+from trainables.defenses._common import (check_lr_steps, epoch_logger, make_teacher, per_group,
+                                         student_sgd, teacher_sgd)
 from trainables.defenses.base import Defense, DefenseContext
-from trainables.engine import SGDConfig, prepare, train
+from trainables.engine import prepare, train
 from trainables.losses import attention_map
 from trainables.params import param
 from trainables.registry import register_defense
@@ -66,17 +67,7 @@ class Params:
     teacher_lr: float = param(0.01, "teacher fine-tuning lr (as NAD: 0.01)", low=1e-5, high=1.0)
 
     def __post_init__(self):
-        if len(self.milestones) != len(self.lr_values):
-            raise ValueError("milestones and lr_values need the same length")
-
-    def student_sgd(self) -> SGDConfig:
-        return SGDConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=0.9,
-                         weight_decay=self.weight_decay, nesterov=True, schedule="piecewise",
-                         milestones=self.milestones, lr_values=self.lr_values)
-
-    def teacher_sgd(self) -> SGDConfig:
-        return SGDConfig(epochs=self.teacher_epochs, lr=self.teacher_lr, batch_size=self.batch_size,
-                         momentum=0.9, weight_decay=self.weight_decay, nesterov=True, schedule="constant")
+        check_lr_steps(self)
 
 
 # ----------------------------------------------------------------------------- the graph terms
@@ -193,11 +184,11 @@ class ARGD(Defense):
     def run(self, ctx: DefenseContext) -> nn.Module:
         p = self.params
         student = prepare(ctx.model, ctx.rt)
-        teacher = make_teacher(student, ctx.clean, p.teacher_sgd(), ctx, stage="argd-teacher")
+        teacher = make_teacher(student, ctx.clean, teacher_sgd(p), ctx, stage="argd-teacher")
         cross = None
         if p.cross_layer:
             groups = len(student.groups)
             cross = CrossLayerAttention(groups, p.qk_dim, ctx.seed + 7, ctx.rt.device)
-        train(student, ctx.clean, p.student_sgd(), ctx.rt, seed=ctx.seed + 1,
+        train(student, ctx.clean, student_sgd(p), ctx.rt, seed=ctx.seed + 1,
               loss_fn=argd_loss(teacher, p, cross), on_epoch=epoch_logger(ctx, "argd", student))
         return student.eval()

@@ -80,9 +80,9 @@ from torch import nn
 from trainables.augment import strong, weak
 from trainables.data.base import ImageSet
 from trainables.data.loader import batches
-from trainables.defenses._common import epoch_logger
+from trainables.defenses._common import complement, epoch_logger, unlearning_loss
 from trainables.defenses.base import Defense, DefenseContext
-from trainables.engine import (EpochStats, Runtime, SGDConfig, TrainingDiverged, accuracy, autocast, generator,
+from trainables.engine import (EpochStats, Runtime, SGDConfig, accuracy, autocast, epoch_logs, generator,
                                make_sgd, on_device, predict_logits, prepare, set_lr, train)
 from trainables.params import param
 from trainables.registry import register_defense
@@ -159,12 +159,6 @@ def entropy_filter(model: nn.Module, data: ImageSet, gamma: float, num_classes: 
 
 # ----------------------------------------------------------------------------- AU (Eq. 6)
 
-def unlearning_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
-    """Maximise the CE on D'_p (Eq. 6): the engine minimises ``−CE``."""
-    ce = F.cross_entropy(model(x).float(), y)
-    return -ce, {"ce": ce}
-
-
 class _Unlearnt(Exception):
     """Ends AU from the engine's epoch hook (the engine's loop has no stop signal of its own)."""
 
@@ -180,7 +174,7 @@ def active_unlearning(model: nn.Module, poisoned: ImageSet, p: Params, ctx: Defe
             raise _Unlearnt
         return {"dp_accuracy": dp_accuracy}
 
-    try:
+    try:   # unlearning_loss maximises the CE on D'_p (Eq. 6): the engine minimises −CE
         train(model, poisoned, p.sgd(p.au_epochs, p.au_lr, "constant"), ctx.rt, seed=seed,
               loss_fn=unlearning_loss, augment=p.au_augment, on_epoch=on_epoch)
     except _Unlearnt:
@@ -261,24 +255,13 @@ def assft(model: nn.Module, labelled: ImageSet, unlabelled_x: torch.Tensor, p: P
             if ema_model is not None:
                 ema_update(ema_model, model, p.ema)
             stats.add({"loss": loss, **logs}, len(li) + len(u))
-        logs = stats.means()
-        if not math.isfinite(logs["loss"]):
-            raise TrainingDiverged(f"{stage}: loss is {logs['loss']} at epoch {epoch + 1}")
-        seconds = time.perf_counter() - start
-        logs.update(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], seconds=seconds,
-                    images_per_second=stats.count / max(seconds, 1e-9))
+        logs = epoch_logs(stats, epoch, opt, start, where=stage)
         ctx.log_epoch(stage, logs, ema_model if ema_model is not None else model)
     out = ema_model if ema_model is not None else model
     return out.eval()
 
 
 # ----------------------------------------------------------------------------- the defense
-
-def complement(n: int, index: torch.Tensor) -> torch.Tensor:
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[index.cpu()] = False
-    return keep.nonzero(as_tuple=True)[0]
-
 
 @register_defense
 class DLP(Defense):

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainables.defenses._common import epoch_logger, make_teacher, per_group
+from trainables.defenses._common import (check_lr_steps, epoch_logger, make_teacher, per_group,
+                                         student_sgd, teacher_sgd)
 from trainables.defenses.base import Defense, DefenseContext
-from trainables.engine import SGDConfig, prepare, train
+from trainables.engine import prepare, train
 from trainables.losses import attention_loss
 from trainables.params import param
 from trainables.registry import register_defense
@@ -51,17 +52,7 @@ class Params:
     teacher_lr: float = param(0.01, "teacher fine-tuning lr (NAD: 0.01)", low=1e-5, high=1.0)
 
     def __post_init__(self):
-        if len(self.milestones) != len(self.lr_values):
-            raise ValueError("milestones and lr_values need the same length")
-
-    def student_sgd(self) -> SGDConfig:
-        return SGDConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=0.9,
-                         weight_decay=self.weight_decay, nesterov=True, schedule="piecewise",
-                         milestones=self.milestones, lr_values=self.lr_values)
-
-    def teacher_sgd(self) -> SGDConfig:
-        return SGDConfig(epochs=self.teacher_epochs, lr=self.teacher_lr, batch_size=self.batch_size,
-                         momentum=0.9, weight_decay=self.weight_decay, nesterov=True, schedule="constant")
+        check_lr_steps(self)
 
 
 def nad_loss(teacher: nn.Module, beta: tuple[float, ...], p: float):
@@ -88,7 +79,7 @@ class NAD(Defense):
     def run(self, ctx: DefenseContext) -> nn.Module:
         p = self.params
         student = prepare(ctx.model, ctx.rt)
-        teacher = make_teacher(student, ctx.clean, p.teacher_sgd(), ctx, stage="nad-teacher")
-        train(student, ctx.clean, p.student_sgd(), ctx.rt, seed=ctx.seed + 1,
+        teacher = make_teacher(student, ctx.clean, teacher_sgd(p), ctx, stage="nad-teacher")
+        train(student, ctx.clean, student_sgd(p), ctx.rt, seed=ctx.seed + 1,
               loss_fn=nad_loss(teacher, tuple(b * p.beta_scale for b in p.beta), p.p), on_epoch=epoch_logger(ctx, "nad", student))
         return student.eval()

@@ -89,7 +89,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.defenses._common import epoch_logger, make_teacher
+from trainables.defenses._common import epoch_logger, make_teacher, teacher_sgd
 from trainables.defenses.base import Defense, DefenseContext
 from trainables.engine import SGDConfig, generator, prepare, train
 from trainables.losses import fsp_loss, gram_style_loss, kd_loss, pgd_untargeted
@@ -180,14 +180,6 @@ def distillation_loss(terms: dict[str, torch.Tensor], p: Params) -> torch.Tensor
     """λ1·L_RNB + λ2·L_LNB + λ3·L_PNB over the selected behaviours (Eqs. 8 and 11)."""
     weights = {"rnb": p.lambda1, "lnb": p.lambda2, "pnb": p.lambda3}
     return sum(weights[k] * v for k, v in terms.items())
-
-
-# ----------------------------------------------------------------------------- step 1: the teacher
-
-def teacher_sgd(p: Params) -> SGDConfig:
-    """NAD's teacher fine-tuning: constant lr, momentum 0.9, nesterov (module docstring)."""
-    return SGDConfig(epochs=p.teacher_epochs, lr=p.teacher_lr, batch_size=p.batch_size, momentum=p.momentum,
-                     weight_decay=p.weight_decay, nesterov=True, schedule="constant")
 
 
 # ----------------------------------------------------------------------------- step 2: distillation
@@ -287,7 +279,8 @@ class NBA(Defense):
             raise ValueError("nba: udl_samples='oracle' needs the attack's trigger (ctx.oracle_trigger), "
                              "which this stage did not provide; use udl_samples='pseudo'")
         student = prepare(ctx.model, ctx.rt)
-        teacher = make_teacher(student, ctx.clean, teacher_sgd(p), ctx, stage="teacher")  # step 1
+        # step 1: NAD's teacher fine-tuning (module docstring), with this defense's momentum
+        teacher = make_teacher(student, ctx.clean, teacher_sgd(p, momentum=p.momentum), ctx, stage="teacher")
         teacher.zero_grad(set_to_none=True)          # its fine-tuning's; none reach it from here on
         distil(student, teacher, ctx, p)                                                    # step 2
         student.eval()
