@@ -125,14 +125,17 @@ def test_backdoored_fixture_has_a_strong_backdoor(before):
 
 def test_ft_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part, measure, before):
     model, _, _, trig = backdoor
-    repaired, ctx = run_defense("ft", model, clean_part, synthetic, trig, epochs=5)
+    # 10 epochs: with 5 the cosine schedule spends too few steps at a low lr, and where the run
+    # ends depends on the float order (measured with one thread: BA 0.888 -> 0.649 after 5 epochs,
+    # -> 0.876 after 10; with two: 0.931 -> 0.869 after 5)
+    repaired, ctx = run_defense("ft", model, clean_part, synthetic, trig, epochs=10)
     after = measure(repaired)
     show('ft', before, after)
-    # measured: ASR 0.996 -> 0.007, BA 0.931 -> 0.869
+    # measured (two threads): ASR 0.996 -> 0.009, BA 0.931 -> 0.899
     assert after["asr"] <= 0.3 and before["asr"] - after["asr"] >= 0.6, after
     assert after["ba"] >= before["ba"] - 0.07, (before, after)
     assert not repaired.training
-    check_log(ctx, {"ft": 5})
+    check_log(ctx, {"ft": 10})
 
 
 def test_nad_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part, measure, before):
