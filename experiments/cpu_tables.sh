@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU-budget CIFAR-10 measurements behind the issue notes (attack table, NBA Table 2 layout,
 # DLP/ABL). Resumable: attack stages come from the cache, finished defense runs are skipped.
-# Usage: experiments/cpu_tables.sh [OUTDIR] [PART...]   parts: attacks defenses training others
+# Usage: experiments/cpu_tables.sh [OUTDIR] [PART...]   parts: attacks defenses training others slice
+# (ATK_BUDGET: 4 epochs are enough for Blend, ASR 100%, not for BadNets, ASR 8%: see "slice")
 set -uo pipefail
 OUT=${1:-runs/cpu}; shift || true
 PARTS=${*:-attacks defenses training others}
@@ -36,5 +37,14 @@ for part in $PARTS; do
                 run "$a-abl" --attack $a --defense abl --set defense.isolation_epochs=3 --set defense.finetune_epochs=3 --set defense.unlearn_epochs=5
               done ;;
     others)   for a in trojannn cla refool cheatkd; do run "$a" --attack $a; done ;;
+    slice)    # a CPU-sized slice of NBA Table 2: BadNets at 12 epochs (the budget at which WRN-16-1
+              # learns the corner trigger under crop + flip), Blend at 4, the main defenses on each
+              B12="--attack badnets --set train.epochs=12"; B4="--attack blend --set train.epochs=4"
+              run badnets12 $B12
+              run badnets12-ft $B12 --defense ft ${DEF[ft]}
+              run badnets12-nba $B12 --defense nba ${DEF[nba]}
+              run blend4-ft $B4 --defense ft ${DEF[ft]}
+              run blend4-nba $B4 --defense nba ${DEF[nba]}
+              for d in nad fp argd; do run badnets12-$d $B12 --defense $d ${DEF[$d]}; done ;;
   esac
 done
