@@ -1,4 +1,5 @@
 """The content-addressed artifact cache: one build per hash, corrupt entries rebuilt, locks."""
+import dataclasses
 import threading
 import time
 
@@ -16,6 +17,17 @@ def _writer(calls, payload=b"weights"):
 def test_hash_is_order_independent():
     assert spec_hash({"a": 1, "b": [1, 2]}) == spec_hash({"b": [1, 2], "a": 1})
     assert spec_hash({"a": 1}) != spec_hash({"a": 2})
+
+
+def test_options_that_are_off_do_not_change_a_stage_hash():
+    """Adding an optional training feature (None = off) must not rename every cached stage."""
+    from trainables.stages import resolve_attack_stage
+    spec = resolve_attack_stage("synthetic", "wrn-16-1", "badnets", {}, {"epochs": 2})
+    assert spec.train["max_grad_norm"] is None
+    legacy = {k: v for k, v in spec.train.items() if k != "max_grad_norm"}
+    assert spec.hash() == dataclasses.replace(spec, train=legacy).hash()
+    clipped = resolve_attack_stage("synthetic", "wrn-16-1", "badnets", {}, {"epochs": 2, "max_grad_norm": 5.0})
+    assert clipped.hash() != spec.hash()
 
 
 def test_second_request_is_served_from_cache(tmp_path):

@@ -37,6 +37,26 @@ def test_training_is_seeded_and_reproducible(synthetic):
     assert not torch.equal(a, c)
 
 
+def test_max_grad_norm_bounds_every_step(synthetic):
+    """A clipped run moves the weights by at most lr × max_norm per step (plain SGD, no momentum
+    or decay); the unclipped run of the same seed moves them much further."""
+    small = synthetic.train.subset(torch.arange(64))
+
+    def moved(max_norm):
+        torch.manual_seed(0)
+        m = prepare(build_model("wrn-16-1", 10, synthetic.mean, synthetic.std), RT)
+        before = torch.cat([p.detach().flatten().clone() for p in m.parameters()])
+        cfg = SGDConfig(epochs=1, lr=0.1, batch_size=64, momentum=0.0, weight_decay=0.0,
+                        schedule="constant", max_grad_norm=max_norm)
+        train(m, small, cfg, RT, seed=0, augment=False)
+        return float((torch.cat([p.detach().flatten() for p in m.parameters()]) - before).norm())
+
+    assert moved(1e-3) <= 0.1 * 1e-3 * 1.001
+    assert moved(None) > 100 * moved(1e-3)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        SGDConfig(max_grad_norm=0.0)
+
+
 def test_nan_loss_fails_the_run(synthetic):
     small = synthetic.train.subset(torch.arange(128))
     m = prepare(build_model("wrn-16-1", 10), RT)
