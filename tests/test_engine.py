@@ -1,10 +1,8 @@
 """The training engine, metrics and output directories."""
-import json
 
 import pytest
 import torch
 
-from trainables.data.base import ImageSet
 from trainables.data.loader import batches, random_crop_flip
 from trainables.engine import SGDConfig, TrainingDiverged, accuracy, pick_runtime, prepare, train
 from trainables.metrics import asr_and_ra, backdoor_metrics, der

@@ -34,7 +34,7 @@ from trainables.engine import Runtime, SGDConfig, pick_runtime, prepare, train
 from trainables.metrics import backdoor_metrics, der
 from trainables.models import build_model, list_models
 from trainables.params import ParamError, as_dict, make_params
-from trainables.rundir import (CheckpointError, dump_json, load_model, load_model_file, load_state_dict,
+from trainables.rundir import (CheckpointError, load_model, load_model_file, load_state_dict,
                                model_spec, read_json, write_run_dir)
 from trainables.version import code_version
 
