@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU-budget CIFAR-10 measurements behind the issue notes (attack table, NBA Table 2 layout,
 # DLP/ABL). Resumable: attack stages come from the cache, finished defense runs are skipped.
-# Usage: experiments/cpu_tables.sh [OUTDIR] [PART...]   parts: attacks defenses training others slice
+# Usage: experiments/cpu_tables.sh [OUTDIR] [PART...]   parts: attacks defenses training others kd table2
 # (ATK_BUDGET: 4 epochs are enough for Blend, ASR 100%, not for BadNets, ASR 8%: see "slice")
 set -uo pipefail
 OUT=${1:-runs/cpu}; shift || true
@@ -18,6 +18,11 @@ run() {  # run NAME ARGS...: one CLI run, logged, skipped when already finished
       --out "$OUT/$name" > "$OUT/$name.log" 2>&1 || echo "FAILED $name (see $OUT/$name.log)"
   tail -1 "$OUT/$name.log"
 }
+# CheatKD at a CPU budget: 50 trigger epochs (paper: 300), 4 distillation epochs (Heo et al.: 200)
+KD_SETTINGS="--kd-epochs 4"
+declare -A ATTACK_SETTINGS=(
+  [cheatkd]="--set attack.trigger_epochs=50 --set attack.kd_epochs=4"
+)
 declare -A DEF=(
   [ft]="--set defense.epochs=10"
   [fp]="--set defense.epochs=5"
@@ -36,15 +41,23 @@ for part in $PARTS; do
                 run "$a-dlp" --attack $a --defense dlp --set defense.sl_epochs=4 --set defense.au_epochs=5 --set defense.assft_epochs=4
                 run "$a-abl" --attack $a --defense abl --set defense.isolation_epochs=3 --set defense.finetune_epochs=3 --set defense.unlearn_epochs=5
               done ;;
-    others)   for a in trojannn cla refool cheatkd; do run "$a" --attack $a; done ;;
-    slice)    # a CPU-sized slice of NBA Table 2: BadNets at 12 epochs (the budget at which WRN-16-1
-              # learns the corner trigger under crop + flip), Blend at 4, the main defenses on each
-              B12="--attack badnets --set train.epochs=12"; B4="--attack blend --set train.epochs=4"
-              run badnets12 $B12
-              run badnets12-ft $B12 --defense ft ${DEF[ft]}
-              run badnets12-nba $B12 --defense nba ${DEF[nba]}
-              run blend4-ft $B4 --defense ft ${DEF[ft]}
-              run blend4-nba $B4 --defense nba ${DEF[nba]}
-              for d in nad fp argd; do run badnets12-$d $B12 --defense $d ${DEF[$d]}; done ;;
+    others)   for a in trojannn cla refool cheatkd; do run "$a" --attack $a ${ATTACK_SETTINGS[$a]:-}; done ;;
+    kd)       # students distilled from the BadNets and Blend teachers exactly as CheatKD's stage
+              # distils its own (experiments/kd_transfer.py), for CheatKD vs BadNets
+              [ -f "$OUT/kd_transfer.json" ] && { echo "skip kd_transfer"; continue; }
+              entries=$(for a in badnets12 blend4; do
+                  echo "$CACHE/$(python -c "import json;print(json.load(open('$OUT/$a/spec.json'))['hash'])")"; done)
+              echo "=== kd_transfer $(date +%T)"
+              python experiments/kd_transfer.py $entries $KD_SETTINGS --out "$OUT/kd_transfer.json" \
+                  > "$OUT/kd_transfer.log" 2>&1 || echo "FAILED kd_transfer (see $OUT/kd_transfer.log)" ;;
+    table2)   # NBA Table 2's layout at a CPU budget: BadNets at 12 epochs (the budget at which
+              # WRN-16-1 learns the corner trigger under crop + flip), Blend and SIG at 4
+              declare -A ATK=([badnets12]="--attack badnets --set train.epochs=12"
+                              [blend4]="--attack blend --set train.epochs=4"
+                              [sig4]="--attack sig --set train.epochs=4")
+              for a in badnets12 blend4 sig4; do
+                run $a ${ATK[$a]}
+                for d in ft nba nad fp mcr argd anp; do run $a-$d ${ATK[$a]} --defense $d ${DEF[$d]}; done
+              done ;;
   esac
 done
