@@ -2,7 +2,7 @@
 # The CPU-budget CIFAR-10 measurements behind the issue notes (attack table, NBA Table 2 layout,
 # DLP/ABL). Resumable: attack stages come from the cache, finished defense runs are skipped.
 # Usage: experiments/cpu_tables.sh [OUTDIR] [PART...]   parts: attacks defenses training others kd table2
-# (ATK_BUDGET: 4 epochs are enough for Blend, ASR 100%, not for BadNets, ASR 8%: see "slice")
+# (ATK_BUDGET: 4 epochs are enough for Blend, ASR 100%, not for BadNets, ASR 8%: see "table2")
 set -uo pipefail
 OUT=${1:-runs/cpu}; shift || true
 PARTS=${*:-attacks defenses training others}

@@ -30,6 +30,8 @@ from trainables.losses import kd_loss
 from trainables.metrics import backdoor_metrics
 from trainables.models import build_model
 from trainables.params import make_params
+from trainables.rundir import load_model
+from trainables.stages import resolve_attack_stage, run_attack_stage
 
 RT = pick_runtime("cpu")
 
@@ -248,6 +250,39 @@ def test_bad_layer_or_neuron_count_fails_clearly(synthetic, trained_clean):
         attack = CheatKD(make_params(Params, {**overrides, "trigger_epochs": 0}), synthetic)
         with pytest.raises(ValueError, match=message):
             attack.fit(ctx, synthetic.train, attack.select(synthetic.train.y))
+
+
+# ============================================================================ the teacher's starting point
+
+def test_teacher_starts_from_the_clean_model_unless_scratch(synthetic, trained_clean):
+    clean_model, _ = trained_clean
+    ctx = FitContext(rt=RT, dataset=synthetic, seed=0, clean_model=lambda: clean_model, progress=quiet)
+    assert CheatKD(Params(), synthetic).initial_model(ctx) is clean_model          # paper Sec. 3.1
+    assert CheatKD(make_params(Params, {"teacher_init": "scratch"}), synthetic).initial_model(ctx) is None
+    assert _badnets(synthetic, 0.1).initial_model(ctx) is None
+
+
+def test_attack_stage_trains_from_the_attacks_initial_model(tmp_path, monkeypatch):
+    """The stage loads ``initial_model``'s weights before training (0 epochs here: they are kept)."""
+    marker = build_model("wrn-16-1", 10)
+    with torch.no_grad():
+        for i, p in enumerate(marker.parameters()):
+            p.fill_(0.01 * (i + 1))
+
+    class FromMarker(registry.get_attack("badnets")):
+        name = "from-marker"
+
+        def initial_model(self, ctx):
+            return marker
+
+    monkeypatch.setitem(registry._ATTACKS, FromMarker.name, FromMarker)
+    spec = resolve_attack_stage("synthetic:300:100", "wrn-16-1", FromMarker.name, {}, {"epochs": 0})
+    start = load_model(run_attack_stage(spec, tmp_path, rt=RT, progress=quiet))
+    for (k, v), m in zip(start.named_parameters(), marker.parameters()):
+        assert torch.equal(v, m), k
+    fresh = load_model(run_attack_stage(resolve_attack_stage("synthetic:300:100", "wrn-16-1", "badnets", {},
+                                                             {"epochs": 0}), tmp_path, rt=RT, progress=quiet))
+    assert not torch.equal(next(fresh.parameters()), next(marker.parameters()))
 
 
 # ============================================================================ contract and search space

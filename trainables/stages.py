@@ -228,6 +228,10 @@ def _build_attack_stage(spec: AttackStageSpec, out: Path, cache_dir, data_root, 
                  "samples.png": _samples_png(dataset.train.x[index[:8]], poisoned_x[:8])}
     target = attack.params.target if attack else None
     model = prepare(_seeded_model(spec.model, dataset, spec.seed), rt)
+    initial = attack.initial_model(ctx) if attack is not None else None
+    if initial is not None:
+        progress("training starts from the attack's initial model (CheatKD: the clean model)")
+        model.load_state_dict(initial.state_dict())
     per_epoch = Evaluator(dataset, triggered, target, rt, subset=epoch_eval_size, seed=spec.seed)
     progress(f"training {spec.model} on {len(train_set)} images for {cfg.epochs} epochs ({rt.description})")
     history = train(model, train_set, cfg, rt, seed=spec.seed, on_epoch=lambda e, logs: per_epoch(model),

@@ -86,6 +86,11 @@ class Attack:
     def fit(self, ctx: FitContext, train: ImageSet, index: torch.Tensor) -> None:
         """Fit the trigger or perturbations; store what the trigger needs in ``self.state``."""
 
+    def initial_model(self, ctx: FitContext) -> nn.Module | None:
+        """The trained model the backdoored model starts from, or None for a fresh model from the
+        stage's seed (every attack but CheatKD, whose teacher is the clean model trained on)."""
+        return None
+
     # -- 3. the trigger ----------------------------------------------------------------------
     def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Put the trigger on a float ``[0, 1]`` batch (test time, and training by default)."""

@@ -21,7 +21,7 @@ Science 51(3), 2024, papers/003; SPEC.md "CheatKD").
 
    averaged over the images of a batch.
 5. The teacher is trained on clean images plus triggered images relabelled to the target (the
-   attack stage's standard poisoning path).
+   attack stage's standard poisoning path), starting from the clean model of step 2.
 6. ``post_train``: the victim distils a student from the backdoored teacher on CLEAN data only
    (``trainables.kd``; Heo et al.'s overhaul feature KD by default, as in the paper); the
    student's BA/ASR/RA are the attack's figures.
@@ -40,11 +40,13 @@ What the paper leaves open, and what this implementation chose:
   at most ``trigger_samples`` of them; one trigger epoch = one pass over it in batches of
   ``trigger_batch_size``. Init: P ~ U(0, 1), M ~ U(0, mask_max) (the mask range of SPEC.md);
   projected Adam (clamp after each step).
-* Step 5 is the attack stage's standard path: the teacher is trained from scratch on the poisoned
-  set, from the same seed (so the same initial weights and batch order) as the clean model the
-  neurons were chosen on. The paper does not say whether its teacher is retrained or the clean
-  teacher fine-tuned; nothing in step 5 ties the new teacher's channels to N*, the trigger is
-  what carries the assimilation.
+* Step 5's starting point (``teacher_init``). The paper's teacher exists before the attack: the
+  neurons are selected "in the teacher", and the final poisoned set "trains the teacher model F_t,
+  making it the backdoored teacher F_t*" (Sec. 3.1). So by default (``clean``) the poisoned
+  training starts from the clean model the neurons and δ were read from, for the stage's
+  ``train`` budget: the channels the trigger was optimised against are the teacher's own.
+  ``scratch`` trains a fresh model from the same seed instead (same initial weights and batch
+  order as the clean model), where nothing ties the new teacher's channels to N*.
 * The paper's "lr 0.001, 300 epochs" (Sec. 4.1.5) is read as the trigger optimisation's Adam lr
   and epochs; the distillation follows the KD paper it cites ([33], Heo et al.: SGD nesterov
   lr 0.1, wd 5e-4, batch 128, 200 epochs, ÷10 at 1/2 and 3/4).
@@ -73,6 +75,7 @@ from trainables.params import param
 from trainables.registry import register_attack
 
 DELTA_RULES = ("mean", "max", "min", "mid", "quarter", "quantile")
+TEACHER_INITS = ("clean", "scratch")
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class Params(AttackParams):
                                        "this many; paper: not stated)", low=1)
     trigger_batch_size: int = param(128, "batch size of neuron selection and trigger optimisation", low=1)
     mask_max: float = param(0.2, "upper clamp of the mask M (SPEC.md: e.g. [0, 0.2])", low=0.0, high=1.0)
+    teacher_init: str = param("clean", "the poisoned training starts from: clean = the clean model the "
+                                       "neurons were read from (paper Sec. 3.1: F_t becomes F_t*) | "
+                                       "scratch = a fresh model, same seed", choices=TEACHER_INITS)
     student_model: str = param("wrn-16-1", "the victim's student architecture (paper: WRN-16-4 "
                                            "from a WRN-28-4 teacher)")
     kd_method: str = param("overhaul", "the victim's distillation: overhaul (Heo et al. 2019, the "
@@ -186,6 +192,10 @@ class CheatKD(Attack):
         self.state = {"pattern": pattern.detach().cpu(), "mask": mask.detach().cpu(),
                       "neurons": neurons.cpu(), "delta": delta.cpu(),
                       "layer": torch.tensor(p.layer), "trigger_loss": torch.tensor(losses)}
+
+    def initial_model(self, ctx: FitContext) -> nn.Module | None:
+        """Step 5 starts from the clean model of steps 2-4 (``teacher_init`` clean) or fresh."""
+        return ctx.clean_model() if self.params.teacher_init == "clean" else None
 
     def _check_layer(self, model: nn.Module, x_u8: torch.Tensor) -> None:
         p = self.params
