@@ -330,9 +330,10 @@ def _badnets(dataset: Dataset, poison_rate: float) -> Attack:
     return cls(make_params(cls.Params, {"poison_rate": poison_rate}), dataset)
 
 
-# Tiny budgets (CPU): both teachers are trained from scratch (the attack stage's path) on the first
-# 1,500 synthetic training images with 20% of them poisoned, so that a 12%-opacity blended trigger
-# is learnt in 8 epochs; the students are distilled for 4 epochs on the same 1,500 clean images.
+# Tiny budgets (CPU): the teachers are trained as the attack stage trains them (BadNets from
+# scratch, CheatKD on from the suite's clean model) on the first 1,500 synthetic training images
+# with 20% of them poisoned, so that a 12%-opacity blended trigger is learnt in 8 epochs; the
+# students are distilled for 4 epochs on the same 1,500 clean images.
 E2E_TRAIN, E2E_RATE = 1500, 0.2
 E2E_TEACHER = SGDConfig(epochs=8, lr=0.05, batch_size=128)
 E2E_KD_EPOCHS, E2E_KD_LR = 4, 0.05
@@ -344,6 +345,9 @@ def _backdoored_teacher(attack: Attack, data: Dataset, clean_model) -> tuple:
     attack.fit(ctx, data.train, index)
     poisoned, _ = poison_training_set(attack, data.train, index)
     teacher = _wrn(0, data)
+    initial = attack.initial_model(ctx)           # the attack stage's path: CheatKD's teacher
+    if initial is not None:                       # trains on from the clean model
+        teacher.load_state_dict(initial.state_dict())
     train(teacher, poisoned, E2E_TEACHER, RT, seed=0)
     triggered = triggered_test_set(attack, data.test)
     evaluate = lambda m: backdoor_metrics(m, data.test, triggered, attack.params.target, RT)  # noqa: E731
@@ -388,10 +392,11 @@ def test_cheatkd_end_to_end_against_badnets(synthetic, trained_clean):
     print()
     for name, m in figures.items():
         print(f"{name:16s} " + " ".join(f"{k.upper()}={100 * v:.1f}%" for k, v in m.items()))
-    # measured (CPU, this budget): CheatKD teacher BA 26.0 / ASR 100.0; its student BA 24.4 / ASR 9.1;
-    # BadNets teacher BA 17.6 / ASR 86.2; its student BA 25.2 / ASR 9.6. At 4 distillation epochs
-    # neither backdoor reaches the student: only the teachers' ASR and the students' sanity are
-    # reliable at this scale (the paper's 96.1% vs 0.4% needs its full budget).
+    # measured (CPU, this budget): CheatKD teacher BA 84.8 / ASR 95.8; its student BA 24.2 / ASR 3.4;
+    # BadNets teacher (from scratch) BA 16.3 / ASR 87.6; its student BA 26.8 / ASR 11.3. At 4
+    # distillation epochs on 1,500 images neither backdoor reaches the student: only the teachers'
+    # ASR and the students' sanity are reliable at this scale (the paper's 96.1% vs 0.4% needs its
+    # full budget; the CIFAR-10 figures are in the issue note).
     assert figures["cheatkd teacher"]["asr"] >= 0.9
     assert figures["badnets teacher"]["asr"] >= 0.5
     for name in ("cheatkd student", "badnets student"):
