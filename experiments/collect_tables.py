@@ -82,11 +82,11 @@ def training_time(root: Path, attacks: dict[str, dict]) -> list[str]:
             last = {}
             for h in m.get("history", []):
                 last[h.get("stage", "?")] = h            # the last epoch of each stage
-            for stage, h in last.items():
-                out.append(f"- {stage} (epoch {h.get('epoch')}): BA {pct(h.get('ba'))} ASR {pct(h.get('asr'))}")
-            for k, v in m.items():
-                if "precision" in k or "recall" in k or k.startswith("filter"):
-                    out.append(f"- {k}: {v}")
+            for stage, h in last.items():     # the filter / isolation entries carry their scores
+                scores = ", ".join(f"{k} {v:.4g}" for k, v in h.items()
+                                   if any(w in k for w in ("precision", "recall", "fraction", "filtered", "isolated")))
+                test = f"BA {pct(h['ba'])} ASR {pct(h.get('asr'))}" if "ba" in h else ""
+                out.append(f"- {stage} (epoch {h.get('epoch', '-')}): {test} {scores}".rstrip())
     return out
 
 

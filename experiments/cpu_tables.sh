@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU-budget CIFAR-10 measurements behind the issue notes (attack table, NBA Table 2 layout,
 # DLP/ABL). Resumable: attack stages come from the cache, finished defense runs are skipped.
-# Usage: experiments/cpu_tables.sh [OUTDIR] [PART...]   parts: attacks defenses training others kd table2 variants
+# Usage: experiments/cpu_tables.sh [OUTDIR] [PART...]   parts: attacks defenses training others kd table2 variants variants2
 # (ATK_BUDGET: 4 epochs are enough for Blend, ASR 100%, not for BadNets, ASR 8%: see "table2")
 set -uo pipefail
 OUT=${1:-runs/cpu}; shift || true
@@ -65,5 +65,7 @@ for part in $PARTS; do
               B12="--attack badnets --set train.epochs=12"
               run badnets12-mcr-e100 $B12 --defense mcr --set defense.epochs=100 --set defense.endpoint_epochs=5
               run badnets12-argd-lr0.01 $B12 --defense argd --set defense.epochs=10 --set defense.lr=0.01 ;;
+    variants2) # ANP's mask at the paper's 2,000 iterations (300 in table2) on Blend
+              run blend4-anp-i2000 --attack blend --set train.epochs=4 --defense anp --set defense.iterations=2000 ;;
   esac
 done
