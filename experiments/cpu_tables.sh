@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU-budget CIFAR-10 measurements behind the issue notes (attack table, NBA Table 2 layout,
 # DLP/ABL). Resumable: attack stages come from the cache, finished defense runs are skipped.
-# Usage: experiments/cpu_tables.sh [OUTDIR] [PART...]   parts: attacks defenses training others kd table2 variants variants2 variants3
+# Usage: experiments/cpu_tables.sh [OUTDIR] [PART...]   parts: attacks defenses training others kd table2 variants variants2 variants3 variants4
 # (ATK_BUDGET: 4 epochs are enough for Blend, ASR 100%, not for BadNets, ASR 8%: see "table2")
 set -uo pipefail
 OUT=${1:-runs/cpu}; shift || true
@@ -78,6 +78,9 @@ for part in $PARTS; do
               run badnets12-argd-lr0.01 $B12 --defense argd --set defense.epochs=10 --set defense.lr=0.01
               run cla-eps16-4c5 --attack cla --set attack.eps=0.0627451 --set attack.four_corners=true \
                   --set attack.trigger_size=5 ;;
+    variants4) # MCR with a distant w2 endpoint: fine-tuned at FT's lr 0.1 (0.01 in table2)
+              run badnets12-mcr-endlr0.1 --attack badnets --set train.epochs=12 --defense mcr \
+                  --set defense.epochs=10 --set defense.endpoint_epochs=5 --set defense.endpoint_lr=0.1 ;;
     variants3) # ANP's mask at the paper's 2,000 iterations (300 in table2) on Blend
               run blend4-anp-i2000 --attack blend --set train.epochs=4 --defense anp --set defense.iterations=2000 ;;
   esac
