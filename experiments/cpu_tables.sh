@@ -80,7 +80,10 @@ for part in $PARTS; do
                   --set attack.trigger_size=5 ;;
     variants4) # MCR with a distant w2 endpoint: fine-tuned at FT's lr 0.1 (0.01 in table2)
               run badnets12-mcr-endlr0.1 --attack badnets --set train.epochs=12 --defense mcr \
-                  --set defense.epochs=10 --set defense.endpoint_epochs=5 --set defense.endpoint_lr=0.1 ;;
+                  --set defense.epochs=10 --set defense.endpoint_epochs=5 --set defense.endpoint_lr=0.1
+              run badnets12-mcr-endlr0.1-t0.5 --attack badnets --set train.epochs=12 --defense mcr \
+                  --set defense.epochs=10 --set defense.endpoint_epochs=5 --set defense.endpoint_lr=0.1 \
+                  --set defense.t=0.5 ;;
     variants3) # ANP's mask at the paper's 2,000 iterations (300 in table2) on Blend
               run blend4-anp-i2000 --attack blend --set train.epochs=4 --defense anp --set defense.iterations=2000 ;;
   esac
