@@ -17,8 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainables.attacks.base import triggered_test_set  # noqa: E402
 from trainables.engine import pick_runtime, prepare  # noqa: E402
-from trainables.metrics import backdoor_metrics  # noqa: E402
-from trainables.stages import load_attack_artifact  # noqa: E402
+from trainables.stages import Evaluator, load_attack_artifact  # noqa: E402
 
 
 def main() -> None:
@@ -34,8 +33,7 @@ def main() -> None:
         art = load_attack_artifact(entry, dataset=clean.dataset)
         if art.spec["dataset"] != clean.spec["dataset"]:
             raise SystemExit(f"{entry}: dataset {art.spec['dataset']} differs from the clean model's")
-        triggered = triggered_test_set(art.attack, clean.dataset.test)
-        m = backdoor_metrics(model, clean.dataset.test, triggered, art.target, rt)
+        m = Evaluator(clean.dataset, triggered_test_set(art.attack, clean.dataset.test), art.target, rt)(model)
         row = {"entry": entry, "attack": art.spec["attack"], "clean_model": {k: m[k] for k in ("ba", "asr", "ra")},
                "backdoored": {k: art.metrics.get(k) for k in ("ba", "asr", "ra")}}
         print(f"{art.spec['attack']['name']:9s} clean model ASR {100 * m['asr']:6.2f}%  "

@@ -26,9 +26,8 @@ from trainables import kd  # noqa: E402
 from trainables.attacks.base import triggered_test_set  # noqa: E402
 from trainables.attacks.cheatkd import Params as CheatKDParams  # noqa: E402
 from trainables.engine import pick_runtime, prepare  # noqa: E402
-from trainables.metrics import backdoor_metrics  # noqa: E402
 from trainables.models import build_model  # noqa: E402
-from trainables.stages import load_attack_artifact  # noqa: E402
+from trainables.stages import Evaluator, load_attack_artifact  # noqa: E402
 
 DEFAULTS = CheatKDParams()
 
@@ -38,8 +37,7 @@ def student_of(entry: Path, args: argparse.Namespace, rt) -> dict:
     if art.attack is None:
         raise SystemExit(f"{entry}: a clean model, no backdoor to transfer")
     data = art.dataset
-    triggered = triggered_test_set(art.attack, data.test)
-    evaluate = lambda m: backdoor_metrics(m, data.test, triggered, art.target, rt)  # noqa: E731
+    evaluate = Evaluator(data, triggered_test_set(art.attack, data.test), art.target, rt)   # the stage's own evaluator
     seed = art.spec["seed"]
     with torch.random.fork_rng(devices=[]):   # the student initialisation of CheatKD's post_train
         torch.manual_seed(seed)
