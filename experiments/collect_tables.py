@@ -78,15 +78,19 @@ def training_time(root: Path, attacks: dict[str, dict]) -> list[str]:
             if r is None:
                 continue
             m = r["metrics"]
-            out.append(f"**{n}-{d}**: after BA {pct(m['ba'])} / ASR {pct(m['asr'])}")
-            last = {}
+            out.append(f"\n**{n}-{d}**: after BA {pct(m['ba'])} / ASR {pct(m['asr'])}\n")
+            stages: dict[str, list[dict]] = {}
             for h in m.get("history", []):
-                last[h.get("stage", "?")] = h            # the last epoch of each stage
-            for stage, h in last.items():     # the filter / isolation entries carry their scores
+                stages.setdefault(h.get("stage", "?"), []).append(h)
+            for stage, entries in stages.items():   # the filter / isolation entries carry their scores
+                h = entries[-1]
                 scores = ", ".join(f"{k} {v:.4g}" for k, v in h.items()
                                    if any(w in k for w in ("precision", "recall", "fraction", "filtered", "isolated")))
                 test = f"BA {pct(h['ba'])} ASR {pct(h.get('asr'))}" if "ba" in h else ""
-                out.append(f"- {stage} (epoch {h.get('epoch', '-')}): {test} {scores}".rstrip())
+                out.append(f"- {stage} (last epoch {h.get('epoch', '-')}): {test} {scores}".rstrip())
+                per_epoch = [f"{pct(e['ba'])}/{pct(e.get('asr'))}" for e in entries if "ba" in e]
+                if len(per_epoch) > 1:
+                    out.append(f"  - BA/ASR per epoch: {', '.join(per_epoch)}")
     return out
 
 

@@ -43,7 +43,7 @@ for part in $PARTS; do
               # "no defense" row
               declare -A ATK=([badnets12]="--attack badnets --set train.epochs=12"
                               [sig4]="--attack sig --set train.epochs=4")
-              for a in badnets12 sig4; do
+              for a in ${TRAIN_ATTACKS:-badnets12 sig4}; do  # TRAIN_ATTACKS=one to split streams
                 run "$a-dlp" ${ATK[$a]} --defense dlp --set defense.sl_epochs=10 --set defense.au_epochs=20 \
                     --set defense.assft_epochs=3
                 run "$a-abl" ${ATK[$a]} --defense abl --set defense.isolation_epochs=10 \
