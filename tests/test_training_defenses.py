@@ -253,9 +253,9 @@ def test_dlp_au_stops_early_once_d_p_is_unlearnt(badnets):
 # ----------------------------------------------------------------------------- ABL isolation
 
 def test_abl_isolation_finds_poisoned_samples(badnets):
-    """LGA isolation (ISOLATION epochs from scratch) then the 5% lowest-loss images, through
+    """LGA isolation (5 epochs from scratch, lr 0.05) then the 5% lowest-loss images, through
     ABL.run with no fine-tuning or unlearning: precision >= 0.9 against the poisoned images
-    (measured: PRECISION)."""
+    (measured: 1.0, recall 0.5 of the 202)."""
     ctx = context(badnets, badnets["poisoned"], badnets["index"], evaluate=False)
     abl(isolation_epochs=5, isolation_lr=0.05, batch_size=32, isolation_ratio=0.05,
         finetune_epochs=0, unlearn_epochs=0).run(ctx)
@@ -268,11 +268,11 @@ def test_abl_isolation_finds_poisoned_samples(badnets):
 
 @pytest.mark.slow
 def test_dlp_unlearns_the_backdoor_and_ssl_restores_accuracy(badnets):
-    """The paper's pipeline SL -> filter -> AU -> ASSFT at E1 = 10, E2 = 20 and the paper's lrs
-    (AU 5e-4, ASSFT 0.01), 3 ASSFT epochs, γ 5%. Required (measured):
+    """The paper's pipeline SL -> filter -> AU -> ASSFT at E1 = 10, E2 = 20, the default lrs
+    (AU 5e-4, ASSFT 0.01; SL 0.05 at batch 32 for this small CNN), 3 ASSFT epochs, γ 5%. Required (measured):
     SL implants the backdoor: ASR >= 0.9 (1.0); the filter is precise: >= 0.9 (1.0);
-    AU lowers ASR to <= 0.1 (0.0); ASSFT raises BA by >= 0.1 over AU's (BA_AU -> BA_ASSFT) and
-    keeps ASR <= 0.1 (ASR_ASSFT)."""
+    AU lowers ASR to <= 0.1 (0.0); ASSFT raises BA by >= 0.1 over AU's (0.465 -> 0.578) and
+    keeps ASR <= 0.1 (0.0)."""
     ctx = context(badnets, badnets["poisoned"], badnets["index"])
     dlp(gamma=0.05, sl_epochs=10, assft_epochs=3, assft_lr=0.01, **SL).run(ctx)
     sl, filt, au, assft = (stage_end(ctx.history, s) for s in ("sl", "filter", "au", "assft"))
