@@ -46,10 +46,11 @@ What the paper leaves open, and what this implementation chose
   Since every image in D'_p carries the target label, AU also lowers the target class as a whole:
   in the runs above, no clean target-class test image is classified correctly after AU, nor after
   three ASSFT epochs. BatchNorm stays in training mode (as in ABL's unlearning).
-  On CIFAR-10 (WRN-16-1, E1 = 10, E2 = 20, 3 ASSFT epochs; issue #5's note) the same holds at
-  scale: AU takes BadNets' ASR to 0 at BA 67.7 → 56.3; on SIG, whose D'_p is made of real
-  target-class images, ASR is 0 after 4 epochs but BA falls to 17.9 by epoch 20, and ASSFT then
-  brings the SIG backdoor back (ASR 0.3 → 43% over 3 epochs) as it restores BA to 62%.
+  On CIFAR-10 (WRN-16-1, E1 = 10, E2 = 20, 3 ASSFT epochs; issue #5's note) AU takes BadNets'
+  ASR to 0 at BA 67.7 → 56.3, and the target class ends at 31% test accuracy after ASSFT (83% in
+  the attacked model). On SIG, whose D'_p is made of real target-class images, ASR is 0 after 4
+  epochs but BA falls to 17.9 by epoch 20, and ASSFT then brings the SIG backdoor back (ASR
+  0.3 → 43% over 3 epochs) as it restores BA to 62%.
 * **AU augmentation** (``au_augment``): crop + flip, as in SL. Measured with the early end on:
   D'_p unlearnt in 10 epochs at BA 0.53, against 20 epochs at BA 0.435 without augmentation (the
   un-augmented poisoned images start at CE 0.02, so the ascent starts slowly, then runs away).
