@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU-budget CIFAR-10 measurements behind the issue notes (attack table, NBA Table 2 layout,
 # DLP/ABL). Resumable: attack stages come from the cache, finished defense runs are skipped.
-# Usage: experiments/cpu_tables.sh [OUTDIR] [PART...]   parts: attacks defenses training others kd table2 variants variants2 variants3 variants4
+# Usage: experiments/cpu_tables.sh [OUTDIR] [PART...]   parts: attacks defenses training training-variants others kd table2 variants variants2 variants3 variants4
 # (ATK_BUDGET: 4 epochs are enough for Blend, ASR 100%, not for BadNets, ASR 8%: see "table2")
 set -uo pipefail
 OUT=${1:-runs/cpu}; shift || true
@@ -49,6 +49,10 @@ for part in $PARTS; do
                 run "$a-abl" ${ATK[$a]} --defense abl --set defense.isolation_epochs=10 \
                     --set defense.finetune_epochs=10 --set defense.unlearn_epochs=5
               done ;;
+    training-variants) # SIG's backdoor came back in DLP's ASSFT: without the unlabelled term
+              # (λu = 0), is it the pseudo-labelled SIG images that re-teach it?
+              run sig4-dlp-lu0 --attack sig --set train.epochs=4 --defense dlp --set defense.sl_epochs=10 \
+                  --set defense.au_epochs=20 --set defense.assft_epochs=3 --set defense.lambda_u=0 ;;
     others)   for a in trojannn cla refool cheatkd; do run "$a" --attack $a ${ATTACK_SETTINGS[$a]:-}; done ;;
     kd)       # students distilled from the BadNets and Blend teachers exactly as CheatKD's stage
               # distils its own (experiments/kd_transfer.py), for CheatKD vs BadNets
