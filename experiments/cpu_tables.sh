@@ -23,6 +23,8 @@ KD_SETTINGS="--kd-epochs 4"
 declare -A ATTACK_SETTINGS=(
   [cheatkd]="--set attack.trigger_epochs=50 --set attack.kd_epochs=4"
 )
+# DLP at the paper's E1 = 10 and E2 = 20 with 3 ASSFT epochs (the "training" part and its variants)
+DLP_BUDGET="--set defense.sl_epochs=10 --set defense.au_epochs=20 --set defense.assft_epochs=3"
 declare -A DEF=(
   [ft]="--set defense.epochs=10"
   [fp]="--set defense.epochs=5"
@@ -44,15 +46,14 @@ for part in $PARTS; do
               declare -A ATK=([badnets12]="--attack badnets --set train.epochs=12"
                               [sig4]="--attack sig --set train.epochs=4")
               for a in ${TRAIN_ATTACKS:-badnets12 sig4}; do  # TRAIN_ATTACKS=one to split streams
-                run "$a-dlp" ${ATK[$a]} --defense dlp --set defense.sl_epochs=10 --set defense.au_epochs=20 \
-                    --set defense.assft_epochs=3
+                run "$a-dlp" ${ATK[$a]} --defense dlp $DLP_BUDGET
                 run "$a-abl" ${ATK[$a]} --defense abl --set defense.isolation_epochs=10 \
                     --set defense.finetune_epochs=10 --set defense.unlearn_epochs=5
               done ;;
     training-variants) # SIG's backdoor came back in DLP's ASSFT: without the unlabelled term
               # (λu = 0), is it the pseudo-labelled SIG images that re-teach it?
-              run sig4-dlp-lu0 --attack sig --set train.epochs=4 --defense dlp --set defense.sl_epochs=10 \
-                  --set defense.au_epochs=20 --set defense.assft_epochs=3 --set defense.lambda_u=0 ;;
+              run sig4-dlp-lu0 --attack sig --set train.epochs=4 --defense dlp $DLP_BUDGET \
+                  --set defense.lambda_u=0 ;;
     others)   for a in trojannn cla refool cheatkd; do run "$a" --attack $a ${ATTACK_SETTINGS[$a]:-}; done ;;
     kd)       # students distilled from the BadNets and Blend teachers exactly as CheatKD's stage
               # distils its own (experiments/kd_transfer.py), for CheatKD vs BadNets

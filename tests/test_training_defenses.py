@@ -269,7 +269,8 @@ def test_abl_isolation_finds_poisoned_samples(badnets):
 @pytest.mark.slow
 def test_dlp_unlearns_the_backdoor_and_ssl_restores_accuracy(badnets):
     """The paper's pipeline SL -> filter -> AU -> ASSFT at E1 = 10, E2 = 20, the default lrs
-    (AU 5e-4, ASSFT 0.01; SL 0.05 at batch 32 for this small CNN), 3 ASSFT epochs, γ 5%. Required (measured):
+    (AU 5e-4, ASSFT 0.01; SL 0.05 at batch 32 for this small CNN), 3 ASSFT epochs, γ 5%.
+    Required (measured):
     SL implants the backdoor: ASR >= 0.9 (1.0); the filter is precise: >= 0.9 (1.0);
     AU lowers ASR to <= 0.1 (0.0); ASSFT raises BA by >= 0.1 over AU's (0.465 -> 0.578) and
     keeps ASR <= 0.1 (0.0)."""
