@@ -8,13 +8,33 @@ The CLI (``python -m sweep``) calls:
 * ``run_sweep(cfg, workdir=, tracking_uri=, address=, resume=, experiment=) -> SweepResult``;
 * ``make_report(sweep_id_or_preset, workdir=, tracking_uri=, experiment=) -> Report``.
 
+``docs/architecture.md`` follows one trial from the CLI to its MLflow run, module by module.
 Importing this package does not import Ray, MLflow or torch; they load when a sweep starts.
 """
 from __future__ import annotations
 
-from sweep.config import ConfigError, SweepConfig, dry_run, format_config, list_presets, load_preset
-from sweep.report import make_report
-from sweep.runner import SweepError, SweepResult, run_sweep
+from sweep.config import SweepConfig, format_config
+from sweep.errors import ConfigError, SweepError
+from sweep.preset import list_presets, load_preset
 
-__all__ = ["ConfigError", "SweepConfig", "SweepError", "SweepResult", "load_preset", "format_config",
-           "list_presets", "dry_run", "run_sweep", "make_report"]
+
+def dry_run(cfg: SweepConfig, workdir=None) -> str:
+    from sweep.estimate import dry_run as _dry_run
+
+    return _dry_run(cfg, workdir)
+
+
+def run_sweep(cfg: SweepConfig, **kwargs):
+    from sweep.runner import run_sweep as _run_sweep
+
+    return _run_sweep(cfg, **kwargs)
+
+
+def make_report(sweep_id_or_preset: str, **kwargs):
+    from sweep.report import make_report as _make_report
+
+    return _make_report(sweep_id_or_preset, **kwargs)
+
+
+__all__ = ["ConfigError", "SweepConfig", "SweepError", "load_preset", "format_config", "list_presets",
+           "dry_run", "run_sweep", "make_report"]

@@ -9,16 +9,14 @@ lazily.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
 
-from sweep.tracking import Tracker
-from trainables.tune_trainable import trial_case
+from sweep.tracking import Tracker, config_json, config_key, full_attack_params, full_defense_params
+from trainables.job import TrialJob
 
 META_KEYS = {"step", "measured", "fully_trained", "final", "stage", "out_dir", "done", "history",
              "attack_hash", "trial_id", "epoch"}
@@ -26,37 +24,12 @@ MEASURED_ONLY = {"ba", "asr", "ra", "der", "score"}
 ARTIFACT_FILES = ("model.pt", "spec.json", "metrics.json")
 
 
-def config_json(params: dict) -> str:
-    """Canonical text of a full parameter set (exact values; the key configs are compared by)."""
-    return json.dumps(params, sort_keys=True, separators=(",", ":"), default=list)
-
-
-def config_key(params: dict) -> str:
-    return hashlib.sha1(config_json(params).encode()).hexdigest()[:10]
-
-
-def full_defense_params(defense: str, params: dict) -> dict:
-    """Every parameter of the defense (defaults filled in), as the trial runs it."""
-    from trainables.stages import resolve_defense
-
-    return resolve_defense(defense, params).params
-
-
-def full_attack_params(attack: str, params: dict) -> dict:
-    from trainables import registry
-    from trainables.params import as_dict, make_params
-
-    return as_dict(make_params(registry.get_attack(attack).Params, params))
-
-
 class TrialLogger(Callback):
     def __init__(self, *, tracking_uri: str, experiment: str, workdir: str, parent_run_id: str,
-                 sweep_id: str, base_tags: dict[str, Any], job: dict, role: str, pair: str,
-                 log_models: bool = True):
+                 sweep_id: str, base_tags: dict[str, Any], job: TrialJob, pair: str):
         self.tracking_uri, self.experiment, self.workdir = tracking_uri, experiment, workdir
         self.parent_run_id, self.sweep_id = parent_run_id, sweep_id
-        self.base_tags, self.job, self.role, self.pair = dict(base_tags), job, role, pair
-        self.log_models = log_models
+        self.base_tags, self.job, self.role, self.pair = dict(base_tags), job, job.role, pair
         self._tracker: Tracker | None = None
         self._runs: dict[str, str] = {}
 
@@ -74,16 +47,14 @@ class TrialLogger(Callback):
     # -- the run of a trial ----------------------------------------------------------------
     def _describe(self, trial) -> tuple[dict, dict]:
         """(tags, params) of a trial's run; params complete (every default filled in)."""
+        case = self.job.case(trial.config)
         if self.role == "attack":
-            params = {**self.job.get("fixed", {}), **_decode(trial.config, self.job.get("decoders"))}
-            params = full_attack_params(self.job["attack"], params)
-            tags = {"attack": self.job["attack"], "defense": "none", "phase": "search"}
+            params = full_attack_params(case.attack, case.params_dict)
+            tags = {"attack": case.attack, "defense": "none", "phase": case.phase}
         else:
-            case = trial_case(trial.config, self.job)
-            defense = case.get("defense") or self.job.get("defense")
-            params = full_defense_params(defense, case["params"])
-            tags = {"attack": case["attack"], "attack_hash": case["attack_hash"], "phase": case["phase"],
-                    "defense": defense}
+            params = full_defense_params(case.defense, case.params_dict)
+            tags = {"attack": case.attack, "attack_hash": case.attack_hash, "phase": case.phase,
+                    "defense": case.defense}
         tags.update(config_key=config_key(params), config_json=config_json(params))
         return tags, params
 
@@ -125,7 +96,7 @@ class TrialLogger(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
-        finish_trial_run(self.tracker, run_id, trial.last_result or {}, self.log_models)
+        finish_trial_run(self.tracker, run_id, trial.last_result or {})
         self._runs.pop(trial.trial_id, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -149,7 +120,7 @@ def loggable(result: dict) -> dict:
     return out
 
 
-def finish_trial_run(tracker: Tracker, run_id: str, last: dict, log_models: bool = True) -> None:
+def finish_trial_run(tracker: Tracker, run_id: str, last: dict) -> None:
     """Close a trial's run FINISHED, with ``fully_trained`` from its last result."""
     fully = bool(last.get("final") and last.get("fully_trained"))
     tags = {"fully_trained": str(fully).lower()}
@@ -157,7 +128,7 @@ def finish_trial_run(tracker: Tracker, run_id: str, last: dict, log_models: bool
         tags["stopped_early"] = "true"
     tracker.set_tags(run_id, tags)
     out_dir = last.get("out_dir")
-    if fully and log_models and out_dir and Path(out_dir).is_dir():
+    if fully and out_dir and Path(out_dir).is_dir():
         tracker.log_artifacts(run_id, [Path(out_dir) / f for f in ARTIFACT_FILES], "model")
         tracker.log_artifacts(run_id, [Path(out_dir) / "samples.png"])
     tracker.end(run_id, "FINISHED")
@@ -179,8 +150,3 @@ def _error_text(trial) -> str:
         pass
     return "trial failed (see the Ray Tune trial directory)"
 
-
-def _decode(config: dict, decoders: dict | None) -> dict:
-    from trainables.tune_trainable import decode
-
-    return decode(config, decoders)

@@ -148,8 +148,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_preset(argv: list[str]) -> int:
-    from sweep.config import load_preset, format_config, dry_run
-    from sweep.runner import run_sweep
+    from sweep import dry_run, format_config, load_preset
 
     p = argparse.ArgumentParser(prog="python -m sweep <preset>", description="Run a preset sweep.")
     p.add_argument("preset", help="a preset name (python -m sweep list) or a path to a preset YAML file")
@@ -171,8 +170,14 @@ def cmd_preset(argv: list[str]) -> int:
     if args.dry_run:
         _print(dry_run(cfg))
         return 0
-    run_sweep(cfg, workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address,
-              resume=args.resume, experiment=args.experiment)
+    from sweep.report import make_report
+    from sweep.runner import run_sweep
+
+    result = run_sweep(cfg, workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address,
+                       resume=args.resume, experiment=args.experiment, progress=_print)
+    # the sweep's runs are closed and safe in MLflow; the report reads them back
+    make_report(result.sweep_id, workdir=result.workdir, tracking_uri=result.tracking_uri,
+                experiment=result.experiment, progress=_print)
     return 0
 
 
@@ -236,17 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from trainables.artifacts import ArtifactCache  # noqa: F401  (fail fast on a broken install)
+    from sweep.errors import ConfigError
     from trainables.data.base import DataError
+    from trainables.engine import TrainingDiverged
     from trainables.params import ParamError
+    from trainables.plugins import PluginError
     from trainables.rundir import CheckpointError
 
-    expected = (UsageError, ParamError, DataError, CheckpointError, KeyError, FileNotFoundError)
-    try:
-        from sweep.config import ConfigError
-        expected = expected + (ConfigError,)
-    except ImportError:
-        pass
+    # bad input and runs that cannot go on: one line each; anything else is a bug and shows its traceback
+    expected = (UsageError, ConfigError, ParamError, DataError, CheckpointError, PluginError, TrainingDiverged,
+                FileNotFoundError)
     try:
         if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
             return cmd_preset(argv)
@@ -257,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"list": cmd_list, "train": cmd_train, "run": cmd_run, "report": cmd_report,
                 "bench": cmd_bench}[args.command](args)
     except expected as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -4,7 +4,8 @@ Trials per (attack x defense): ONE TUNER PER (attack, defense) PAIR, each with i
 study (``<sweep_id>:<attack>:<defense>``). The Pareto front and the best configuration are
 per-attack quantities, and one attack's optimum says little about another's, so each pair gets
 its own search; the pairs run one after another, each with as many concurrent trials as the
-resources (and ``search.max_concurrent``) allow. The configuration that is best ACROSS attacks is
+resources (and ``search.max_concurrent``) allow. Pairs with nothing to search run their one
+paper-default trial together, in one Tuner of fixed cases. The configuration that is best ACROSS attacks is
 then chosen on measured numbers: the ``cross_check`` phase evaluates every attack's best
 configuration on every other attack (one extra trial per missing (configuration, attack) cell),
 so that the worst-case ASR of each candidate is known rather than guessed.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from sweep.config import SweepConfig
 from sweep.spaces import Dist
+from trainables.params import plain, thaw
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class PairPlan:
     @property
     def searched(self) -> bool:
         return bool(self.space) and self.num_samples > 1
+
+    def default_params(self) -> dict:
+        """The pair's first trial: fixed parameters plus each searched one at its paper default."""
+        return {**thaw(self.fixed), **{d.name: plain(d.default) for d in self.space}}
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,23 @@
 """Search spaces: ``search_spaces/<method>.yaml`` read, narrowed or pinned by a preset, and turned
 into Optuna distributions.
 
-A space file names each tunable parameter with its distribution and its paper default::
+A space file names each tunable parameter with its distribution::
 
+    method: nba
+    kind: defense
     params:
-      lambda1: {type: float, low: 0.1, high: 20.0, log: true, default: 2.0}
-      epochs: {type: int, low: 5, high: 40, default: 20}
-      udl_samples: {type: categorical, choices: [pseudo, oracle], default: pseudo}
+      lambda1: {type: float, low: 0.1, high: 20.0, log: true}
+      epochs: {type: int, low: 5, high: 40}
+      udl_samples: {type: categorical, choices: [pseudo, oracle]}
+
+The paper default, the first trial of every search (``points_to_evaluate``), is the default of
+the method's ``Params`` field: it lives in one place, and the loader checks that each range holds
+it. A method registered by a plugin names its own file with a ``search_space_file`` attribute.
 
 A preset may narrow a parameter (``{low: 1, high: 5}``, ``[1, 5]``, a subset of the choices) or pin
 it (a scalar). Narrowing stays inside the file's range; a pinned parameter leaves the search and
-becomes a fixed parameter. The paper default must stay inside a narrowed range (it is the first
-trial, ``points_to_evaluate``), or the preset names another ``default`` for that first trial.
+becomes a fixed parameter. The paper default must stay inside a narrowed range, or the preset
+names another first-trial value with ``default``.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from trainables.params import frozen, plain
 
 TYPES = ("float", "int", "categorical")
 
@@ -71,7 +79,7 @@ class Dist:
     def decoder(self) -> dict | None:
         """Encoded choice -> value, for categoricals whose choices Optuna cannot hold (tuples)."""
         if self.type == "categorical" and any(encode(c) is not c for c in self.choices):
-            return {encode(c): _listify(c) for c in self.choices}
+            return {encode(c): plain(c) for c in self.choices}
         return None
 
     def describe(self) -> str:
@@ -103,23 +111,24 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def parse_dist(name: str, spec: Any, where: str) -> Dist:
-    """One entry of a space file's ``params``."""
+def parse_dist(name: str, spec: Any, default: Any, where: str) -> Dist:
+    """One entry of a space file's ``params``; ``default`` is the Params field's default."""
     if not isinstance(spec, dict):
-        raise SpaceError(f"{where}{name}: expected a mapping with type/low/high/default, got {spec!r}")
-    unknown = sorted(set(spec) - {"type", "low", "high", "log", "choices", "default"})
+        raise SpaceError(f"{where}{name}: expected a mapping with type/low/high or type/choices, got {spec!r}")
+    if "default" in spec:
+        raise SpaceError(f"{where}{name}.default: the paper default is the Params field's default "
+                         f"({default!r}); remove it from the space file")
+    unknown = sorted(set(spec) - {"type", "low", "high", "log", "choices"})
     if unknown:
-        raise SpaceError(f"{where}{name}: unknown field {unknown[0]!r} (type, low, high, log, choices, default)")
+        raise SpaceError(f"{where}{name}: unknown field {unknown[0]!r} (type, low, high, log, choices)")
     kind = spec.get("type")
     if kind not in TYPES:
         raise SpaceError(f"{where}{name}.type={kind!r} is not one of {list(TYPES)}")
-    if "default" not in spec:
-        raise SpaceError(f"{where}{name}: a 'default' (the paper default) is required")
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise SpaceError(f"{where}{name}: a categorical parameter needs a non-empty 'choices' list")
-        d = Dist(name, kind, _tuple(spec["default"]), choices=tuple(_tuple(c) for c in choices))
+        d = Dist(name, kind, frozen(default), choices=tuple(frozen(c) for c in choices))
     else:
         low, high = spec.get("low"), spec.get("high")
         if not (_number(low) and _number(high)) or low > high:
@@ -130,44 +139,59 @@ def parse_dist(name: str, spec: Any, where: str) -> Dist:
         if log and low <= 0:
             raise SpaceError(f"{where}{name}: log=true needs low > 0, got {low}")
         cast = int if kind == "int" else float
-        default = spec["default"]
         if _number(default) and (kind == "float" or float(default).is_integer()):
             default = cast(default)
         d = Dist(name, kind, default, low=cast(low), high=cast(high), log=log)
     if not d.contains(d.default):
-        raise SpaceError(f"{where}{name}: default {d.default!r} is outside its range ({d.describe()})")
+        raise SpaceError(f"{where}{name}: the paper default {d.default!r} is outside its range ({_range(d)})")
     return d
 
 
-def _tuple(v: Any) -> Any:
-    """Lists inside categorical choices become tuples (hashable; Params use tuples)."""
-    return tuple(_tuple(x) for x in v) if isinstance(v, list) else v
-
-
 @lru_cache(maxsize=None)
-def _load_file(path: str) -> tuple[str, str, tuple[Dist, ...]]:
+def _read(path: str) -> tuple[str, str, tuple[tuple[str, Any], ...]]:
     p = Path(path)
-    where = f"{p.name}: "
     try:
         raw = yaml.safe_load(p.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise SpaceError(f"cannot read search space {p}: {e}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict):
         raise SpaceError(f"{p}: expected 'method', 'kind' and a 'params' mapping")
-    dists = tuple(parse_dist(n, s, where + "params.") for n, s in raw["params"].items())
-    return str(raw.get("method", p.stem)), str(raw.get("kind", "")), dists
+    return str(raw.get("method", p.stem)), str(raw.get("kind", "")), tuple(raw["params"].items())
+
+
+def _method(name: str) -> type | None:
+    from trainables import registry
+
+    return registry.attacks().get(name) or registry.defenses().get(name)
+
+
+def space_file(method: str) -> Path | None:
+    """The method's space file: its own ``search_space_file``, else ``search_spaces/<method>.yaml``."""
+    own = getattr(_method(method), "search_space_file", None)
+    path = Path(own) if own else spaces_dir() / f"{method}.yaml"
+    return path if path.is_file() else None
 
 
 def load_space(method: str) -> dict[str, Dist]:
-    """The method's search space from ``search_spaces/<method>.yaml`` (name -> Dist); a method
-    without a file has an empty space (nothing to search, paper defaults only)."""
-    path = spaces_dir() / f"{method}.yaml"
-    if not path.is_file():
+    """The method's search space (name -> Dist, paper defaults from its ``Params``); a method
+    without a space file has an empty space (nothing to search, paper defaults only)."""
+    path = space_file(method)
+    if path is None:
         return {}
-    name, _kind, dists = _load_file(str(path))
+    name, _kind, specs = _read(str(path))
     if name != method:
         raise SpaceError(f"{path}: 'method: {name}' does not match the file name")
-    return {d.name: d for d in dists}
+    cls = _method(method)
+    if cls is None:
+        raise SpaceError(f"{path}: no registered attack or defense is called {method!r}")
+    fields = cls.Params.__dataclass_fields__
+    dists = {}
+    for pname, spec in specs:
+        if pname not in fields:
+            raise SpaceError(f"{path.name}: {pname!r} is not a parameter of {method} "
+                             f"(known: {', '.join(sorted(fields))})")
+        dists[pname] = parse_dist(pname, spec, fields[pname].default, f"{path.name}: params.")
+    return dists
 
 
 def narrow(base: Dist, spec: Any, where: str) -> Dist:
@@ -200,11 +224,11 @@ def narrow(base: Dist, spec: Any, where: str) -> Dist:
         choices = fields.get("choices", list(base.choices))
         if not isinstance(choices, list) or not choices:
             raise SpaceError(f"{where}{name}.choices: a non-empty list is required")
-        choices = tuple(_tuple(c) for c in choices)
+        choices = tuple(frozen(c) for c in choices)
         bad = [c for c in choices if c not in base.choices]
         if bad:
             raise SpaceError(f"{where}{name}={bad[0]!r} is not one of the search space's choices {list(base.choices)}")
-        default = _tuple(fields.get("default", base.default if base.default in choices else
+        default = frozen(fields.get("default", base.default if base.default in choices else
                                     (choices[0] if len(choices) == 1 else base.default)))
         out = dataclasses.replace(base, choices=choices, default=default)
     else:
@@ -256,6 +280,3 @@ def encode(choice: Any) -> Any:
         return ",".join(map(str, choice))
     return choice
 
-
-def _listify(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v

@@ -1,6 +1,6 @@
 """MLflow tracking: one parent run per sweep, one child run per attack stage and per trial.
 
-Conventions (DESIGN.md "Tracking conventions"): one experiment per preset (or ``--experiment``);
+Conventions: one experiment per preset (or ``--experiment``);
 every run carries the tags in ``TAG_KEYS``; params are the flattened method parameters; metrics
 ``ba``/``asr``/``ra`` per epoch (step = epoch) and final, plus ``der``, ``train_seconds`` and
 ``images_per_second``; artifacts are the model state_dict, sample PNGs, ``best_configs.yaml``,
@@ -14,6 +14,8 @@ crashed driver's runs by their ``ray_trial_id`` tag and closes whatever is still
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -24,7 +26,42 @@ TAG_KEYS = ("sweep_id", "preset", "role", "dataset", "model", "attack", "defense
             "code_version", "ray_trial_id", "fully_trained")
 FINAL_METRICS = ("ba", "asr", "ra", "der", "ba_before", "asr_before", "ra_before", "train_seconds",
                  "images_per_second")
+# the tags selection and the report read back (TAG_KEYS plus the trial bookkeeping)
+TAG_COLUMNS = TAG_KEYS + ("phase", "config_key", "config_json", "pair", "cached")
 MAX_PARAM_LEN = 6000
+
+
+# ---------------------------------------------------------------------------- configurations
+
+def config_json(params: dict) -> str:
+    """Canonical text of a full parameter set (exact values; the key configs are compared by)."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"), default=list)
+
+
+def config_key(params: dict) -> str:
+    return hashlib.sha1(config_json(params).encode()).hexdigest()[:10]
+
+
+def full_defense_params(defense: str, params: dict) -> dict:
+    """Every parameter of the defense (defaults filled in), as the trial runs it."""
+    from trainables.stages import resolve_defense
+
+    return resolve_defense(defense, params).params
+
+
+def full_attack_params(attack: str, params: dict) -> dict:
+    from trainables import registry
+    from trainables.params import as_dict, make_params
+
+    return as_dict(make_params(registry.get_attack(attack).Params, params))
+
+
+def paper_default_params(entry) -> dict:
+    """A preset entry's first trial: its fixed parameters plus each searched one at its paper
+    default (the searcher's first point, decoded)."""
+    from trainables.params import plain
+
+    return {**entry.params_dict, **{d.name: plain(d.default) for d in entry.space}}
 
 
 def default_tracking_uri(workdir: str | Path) -> str:

@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 import yaml
 
-from sweep.config import ConfigError, dry_run, format_config, list_presets, load_preset
+from sweep import ConfigError, dry_run, format_config, list_presets, load_preset
 from sweep.plan import make_plan
-from sweep.spaces import first_point, load_space, optuna_space, spaces_dir
+from sweep.spaces import first_point, load_space, optuna_space
 
 PRESETS = ("quickstart", "nba_cifar", "dlp_cifar", "cheatkd_cifar100", "nba_table2", "dlp_table3")
 
@@ -160,20 +160,25 @@ def test_dry_run_counts_stages_and_trials_and_prices_them(tmp_path):
     assert "Tuners: 1 (the 36 paper-default trial(s) together in one" in table and "trials: 36" in table
 
 
-def test_every_search_space_matches_its_method():
-    """Every file parses; every parameter is a field of the method's Params and its whole range
-    passes the Params bounds (what presets are checked against)."""
+def test_every_method_states_its_own_cost():
+    """The dry run's estimate asks each method for its cost: every defense states one, and it
+    follows the parameters that drive it, whatever they are called."""
     from trainables import registry
     from trainables.params import make_params
 
-    methods = {**registry.attacks(), **registry.defenses()}
-    files = sorted(spaces_dir().glob("*.yaml"))
-    assert {"nba", "cheatkd"} <= {p.stem for p in files}
-    for path in files:
-        space = load_space(path.stem)
-        cls = methods[path.stem]
-        for name, dist in space.items():
-            assert name in cls.Params.__dataclass_fields__, (path.stem, name)
-            values = list(dist.choices) if dist.type == "categorical" else [dist.low, dist.high, dist.default]
-            for v in values:
-                make_params(cls.Params, {name: list(v) if isinstance(v, tuple) else v})
+    for name, cls in registry.defenses().items():
+        cost = cls.cost(make_params(cls.Params), 1000)
+        assert cost.passes > 0 and cost.logged_epochs >= 1, name
+
+    def passes(method, n=1000, **params):
+        cls = registry.get_defense(method)
+        return cls.cost(make_params(cls.Params, params), n).passes
+
+    assert passes("nba", pgd_steps=10) > passes("nba", pgd_steps=1)
+    assert passes("dlp", assft_epochs=50) > passes("dlp", assft_epochs=5)
+    assert passes("abl", finetune_epochs=60) > passes("abl", finetune_epochs=6)
+    assert passes("anp", iterations=2000) > passes("anp", iterations=200)
+    ck = registry.get_attack("cheatkd")
+    assert ck.extra_passes(make_params(ck.Params, {"kd_epochs": 20}), 1000) > \
+        ck.extra_passes(make_params(ck.Params, {"kd_epochs": 2}), 1000)
+    assert registry.get_attack("badnets").extra_passes(None, 1000) == 0

@@ -1,9 +1,10 @@
 """Knowledge distillation of a student from a frozen teacher, on clean data only.
 
-This is what CheatKD's victim does with the teacher it downloaded (papers/003 Sec. 4.1.5 uses
-Heo et al.'s feature distillation [33]; its Table 4 also AT, FSP and AB), and what any other
-method may call. Three methods, each the student's cross-entropy plus a distillation term, trained
-with the engine's loop (``engine.train`` with a ``loss_fn``):
+This is what CheatKD's victim does with the teacher it downloaded (the CheatKD paper, Chen et
+al., Computer Science 2024, Sec. 4.1.5, uses Heo et al.'s feature distillation, its ref. [33];
+its Table 4 also AT, FSP and AB), and what any other method may call. Three methods, each the
+student's cross-entropy plus a distillation term, trained with the engine's loop
+(``engine.train`` with a ``loss_fn``):
 
 * ``overhaul`` — Heo, Kim, Yun, Park, Kwak & Choi, "A comprehensive overhaul of feature
   distillation" (ICCV 2019), at the end of every layer group l = 1..G::

@@ -30,13 +30,14 @@ def attention_loss(feat_s: torch.Tensor, feat_t: torch.Tensor, p: float = 2.0) -
 # ----------------------------------------------------------------------------- Gram (NBA RNB)
 
 def gram_matrix(feat: torch.Tensor) -> torch.Tensor:
-    """Unnormalised per-sample Gram matrix ``G_ij = Σ_k F_ik F_jk`` (k over H·W): B×C×C."""
+    """Unnormalised per-sample Gram matrix ``G_ij = Σ_k F_ik F_jk`` (k over H·W; NBA Eq. 1): B×C×C."""
     f = feat.float().flatten(2)
     return f @ f.transpose(1, 2)
 
 
 def gram_style_loss(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
-    """Gatys et al.'s style loss as NBA Eq. 3 prints it (sum over the C×C entries):
+    """Gatys et al.'s style loss, NBA Eq. 3 with its sum over the C×C entries of the Gram matrices
+    (the printed H×W indices are a typo; see ``defenses/nba.py``):
     ``Σ_ij (G^T_ij − G^S_ij)² / (4 C² (HW)²)``, averaged over the batch."""
     b, c, h, w = feat_s.shape
     diff = gram_matrix(feat_t.detach()) - gram_matrix(feat_s)
@@ -56,7 +57,8 @@ def fsp_matrix(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
 
 
 def fsp_loss(feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> torch.Tensor:
-    """``Σ_l mean((M^T_l − M^S_l)²)`` over adjacent layer-group pairs (teacher detached)."""
+    """``Σ_l mean((M^T_l − M^S_l)²)`` over adjacent layer-group pairs (teacher detached): NBA's
+    L_LNB (Eq. 5) with the FSP matrix standing in for Eq. 4's learning matrix."""
     total = feats_s[0].new_zeros((), dtype=torch.float32)
     for l in range(len(feats_s) - 1):
         m_t = fsp_matrix(feats_t[l].detach(), feats_t[l + 1].detach())
@@ -68,7 +70,8 @@ def fsp_loss(feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> torch.
 # ----------------------------------------------------------------------------- KD (Hinton)
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
-    """``KL(softmax(u/T) || softmax(z/T))·T²`` with u the (detached) teacher logits."""
+    """``KL(softmax(u/T) || softmax(z/T))·T²`` with u the (detached) teacher logits (Hinton et al.
+    2015; NBA's L_PNB, Eqs. 6–7, with Hinton's T² scaling)."""
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
     p_t = F.softmax(teacher_logits.detach().float() / t, dim=1)
@@ -80,7 +83,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def pgd_untargeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float,
                    steps: int, random_start: bool = True, generator: torch.Generator | None = None,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Untargeted L∞ PGD in pixel space: maximise CE(model(x+δ), y), ||δ||∞ ≤ eps, x+δ ∈ [0,1].
+    """Untargeted L∞ PGD in pixel space: maximise CE(model(x+δ), y), ||δ||∞ ≤ eps, x+δ ∈ [0,1]
+    (Madry et al. 2018; NBA Eq. 10).
 
     The model's mode is left as the caller set it, and gradients reach only δ (the model's
     parameter grads are untouched). ``mask`` (B×1×H×W or broadcastable) limits where δ may act.

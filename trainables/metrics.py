@@ -1,8 +1,14 @@
-"""BA, ASR, RA and DER exactly as SPEC.md defines them.
+"""BA, ASR, RA and DER, the figures every attack and defense reports.
 
-ASR and RA are computed on triggered test images whose TRUE label is not the target: a
-target-class image classified as the target says nothing about the backdoor (counting it is the
-most common bug in public code).
+* BA (benign accuracy, also called clean accuracy, CA): accuracy on the clean test set.
+* ASR (attack success rate): on triggered test images whose TRUE label is not the target, the
+  fraction predicted as the target. A target-class image classified as the target says nothing
+  about the backdoor, so those images are excluded (counting them is the most common bug in
+  public code).
+* RA (robust accuracy): on the same triggered non-target images, the fraction predicted as their
+  true label.
+* DER (defense effectiveness rating, BackdoorBench): ``[max(0, ΔASR) − max(0, ΔBA) + 1] / 2``
+  with ΔASR = ASR before − after and ΔBA = BA before − after.
 """
 from __future__ import annotations
 

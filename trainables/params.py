@@ -117,7 +117,30 @@ def check_bounds(name: str, v: Any, meta, where: str = "") -> None:
 
 def as_dict(params) -> dict[str, Any]:
     """Plain JSON-able dict of a params instance (tuples become lists)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(params).items()}
+    return {k: plain(v) for k, v in dataclasses.asdict(params).items()}
+
+
+# Frozen configs hold sequences as tuples and mappings as sorted (key, value) pairs; JSON, YAML
+# and Optuna hold lists and dicts. These four functions are the only converters between the two.
+
+def frozen(v: Any) -> Any:
+    """Lists (at any depth) become tuples: hashable, as frozen dataclasses and Params hold them."""
+    return tuple(frozen(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def plain(v: Any) -> Any:
+    """Tuples (at any depth) become lists: what JSON and YAML write."""
+    return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def freeze(d: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A mapping as sorted ``(key, frozen value)`` pairs."""
+    return tuple(sorted((k, frozen(v)) for k, v in d.items()))
+
+
+def thaw(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """The inverse of ``freeze``: a plain dict with list values."""
+    return {k: plain(v) for k, v in pairs}
 
 
 def describe(cls) -> list[tuple[str, str, Any, str]]:

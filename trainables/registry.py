@@ -2,7 +2,8 @@
 
 Each method module decorates its class with ``@register_attack`` / ``@register_defense``; the
 packages ``trainables.attacks`` and ``trainables.defenses`` import every module they contain, so
-the CLI, ``list``, the sweep and the docs discover new methods without edits elsewhere.
+the CLI, ``list``, the sweep and the docs discover new methods without edits elsewhere. Methods
+from outside the tree come from plugins (``trainables.plugins``), loaded with the built-in ones.
 """
 from __future__ import annotations
 
@@ -30,13 +31,21 @@ def _discover(package: str) -> None:
             importlib.import_module(f"{package}.{info.name}")
 
 
-def attacks() -> dict[str, type]:
+def _discover_all() -> None:
+    from trainables import plugins
+
     _discover("trainables.attacks")
+    _discover("trainables.defenses")
+    plugins.load()
+
+
+def attacks() -> dict[str, type]:
+    _discover_all()
     return dict(sorted(_ATTACKS.items()))
 
 
 def defenses() -> dict[str, type]:
-    _discover("trainables.defenses")
+    _discover_all()
     return dict(sorted(_DEFENSES.items()))
 
 

@@ -39,7 +39,6 @@ from trainables.rundir import (CheckpointError, load_model, load_model_file, loa
 from trainables.version import code_version
 
 STANDARD_FILES = ("model.pt", "spec.json", "metrics.json")
-ATTACK_EXTRAS = ("attack_state.pt", "poison.pt", "samples.png")
 
 
 # ============================================================================ specs

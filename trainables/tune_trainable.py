@@ -1,11 +1,8 @@
 """Ray Tune function trainables: one defense trial, or one attack trial of an attack sweep.
 
-Both are plain functions ``fn(config, job)``: ``config`` is what the searcher proposed (flat
-parameter names; categorical tuple choices arrive comma-joined and are decoded here), ``job`` is
-the fixed part of the trial, a plain dict the sweep binds with ``tune.with_parameters``:
-
-    defense, attack, attack_hash, artifact_dir, fixed (params), decoders, clean_fraction, seed,
-    data_root, trials_dir, epoch_eval_size, cpus, objectives, cases (cross-check), fail_if (tests)
+Both are plain functions ``fn(config, job)``: ``config`` is what Tune passes (a searcher's
+proposal, or ``{"case": i}`` in a fixed-case Tuner), ``job`` the frozen ``TrialJob`` the sweep
+binds with ``tune.with_parameters``; ``job.case(config)`` is the work.
 
 A defense trial loads its attack-stage artifact, runs the defense, ``tune.report``s every epoch
 (``step``, ``stage``, the loss terms, and ``ba``/``asr``/``ra`` where measured, NaN where not,
@@ -19,77 +16,16 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-import re
 from pathlib import Path
-from typing import Any
 
-TEST_FAIL_ENV = "SWEEP_TEST_FAIL_TRIAL"   # test-only hook, see ``check_test_failure``
+from trainables import plugins
+from trainables.job import TrialCase, TrialJob
+
 NAN = float("nan")
 
 
-class InjectedFailure(RuntimeError):
-    """Raised by the test-only failure hook."""
-
-
-def decode(config: dict, decoders: dict | None) -> dict:
-    """The searcher's flat config -> method parameters (tuple choices decoded)."""
-    out = {}
-    for k, v in config.items():
-        table = (decoders or {}).get(k)
-        out[k] = table[v] if table is not None and v in table else v
-    return out
-
-
-def trial_case(config: dict, job: dict) -> dict:
-    """What this trial runs: ``{attack, attack_hash, artifact_dir, params, phase}``.
-
-    A case trial (``config = {"xcheck": i}``) runs the fixed configuration ``job["cases"][i]``
-    (a paper-default trial, or a cross-check of one attack's best config on another attack); a
-    search trial runs the searcher's proposal on the job's attack.
-    """
-    if "xcheck" in config:
-        case = dict(job["cases"][int(config["xcheck"])])
-        case.setdefault("phase", "crosscheck")
-        case.setdefault("defense", job.get("defense"))
-        return case
-    return {"attack": job.get("attack"), "attack_hash": job.get("attack_hash"), "defense": job.get("defense"),
-            "artifact_dir": job.get("artifact_dir"), "phase": "search",
-            "params": {**job.get("fixed", {}), **decode(config, job.get("decoders"))}}
-
-
-def check_test_failure(params: dict, expr: str | None, marker_dir: str | Path | None = None) -> None:
-    """Test-only hook (``SWEEP_TEST_FAIL_TRIAL``): ``expr`` like ``"lr<0.05"`` (``<``, ``>``,
-    ``=``) makes every trial whose parameter satisfies it raise; ``"once:lr<0.05"`` only the first
-    such trial (a marker file in ``marker_dir`` claims the failure atomically), so tests can check
-    that a failing trial fails alone."""
-    if not expr:
-        return
-    once = expr.startswith("once:")
-    m = re.fullmatch(r"\s*(\w+)\s*([<>=])\s*(.+?)\s*", expr[5:] if once else expr)
-    if not m or m.group(1) not in params:
-        return
-    name, op, text = m.groups()
-    value = params[name]
-    try:
-        ref: Any = float(text)
-        value = float(value)
-    except (TypeError, ValueError):
-        ref = text
-    hit = (op == "<" and value < ref) or (op == ">" and value > ref) or (op == "=" and value == ref)
-    if hit and once and marker_dir is not None:
-        Path(marker_dir).mkdir(parents=True, exist_ok=True)
-        try:
-            os.close(os.open(Path(marker_dir) / ".test-failure-injected", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            hit = False
-    if hit:
-        raise InjectedFailure(f"{TEST_FAIL_ENV}: injected failure for {name}={params[name]!r} ({expr})")
-
-
 def _numeric(d: dict) -> dict:
-    return {k: float(v) for k, v in d.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _release_memory() -> None:
@@ -104,11 +40,13 @@ def _release_memory() -> None:
         pass
 
 
-def _setup_threads(job: dict) -> None:
+def _start(job: TrialJob, case: TrialCase, out_dir: Path) -> None:
+    """Plugins (and their trial hooks) first, then the thread count Ray granted."""
     import torch
 
-    cpus = job.get("cpus") or 1
-    torch.set_num_threads(max(1, int(cpus)))
+    plugins.load(job.plugins)
+    plugins.run_trial_hooks(case, out_dir)
+    torch.set_num_threads(max(1, int(job.cpus or 1)))
 
 
 def _score(ba: float, asr: float) -> float:
@@ -116,18 +54,16 @@ def _score(ba: float, asr: float) -> float:
     return ba - asr if math.isfinite(ba) and math.isfinite(asr) else NAN
 
 
-def defense_trial(config: dict, job: dict) -> None:
+def defense_trial(config: dict, job: TrialJob) -> None:
     """One defense configuration on one attack-stage artifact, reported to Tune per epoch."""
     from ray import tune
 
     from trainables.stages import resolve_defense, run_defense_stage
 
-    case = trial_case(config, job)
-    check_test_failure(case["params"], job.get("fail_if") or os.environ.get(TEST_FAIL_ENV), job.get("trials_dir"))
-    _setup_threads(job)
-    dspec = resolve_defense(case.get("defense") or job["defense"], case["params"], job["clean_fraction"], job["seed"])
-    trial_id = tune.get_context().get_trial_id()
-    out_dir = Path(job["trials_dir"]) / trial_id
+    case = job.case(config)
+    out_dir = Path(job.trials_dir) / tune.get_context().get_trial_id()
+    _start(job, case, out_dir)
+    dspec = resolve_defense(case.defense, case.params_dict, job.clean_fraction, job.seed)
 
     def report(entry: dict) -> None:
         measured = "ba" in entry and "asr" in entry
@@ -140,8 +76,8 @@ def defense_trial(config: dict, job: dict) -> None:
         tune.report(metrics)
 
     try:
-        result = run_defense_stage(case["artifact_dir"], dspec, out_dir, data_root=job.get("data_root"),
-                                   report=report, epoch_eval_size=job.get("epoch_eval_size", 2000))
+        result = run_defense_stage(case.artifact_dir, dspec, out_dir, data_root=job.data_root,
+                                   report=report, epoch_eval_size=job.epoch_eval_size)
     finally:
         _release_memory()
     after, before = result["after"], result["before"]
@@ -160,27 +96,27 @@ def defense_trial(config: dict, job: dict) -> None:
     tune.report(final)
 
 
-def attack_trial(config: dict, job: dict) -> None:
+def attack_trial(config: dict, job: TrialJob) -> None:
     """One attack configuration (attack sweeps): train its attack stage (cached by hash) and
-    report its metrics (CheatKD's include the distilled student's ``student_ba``/``student_asr``)."""
+    report its metrics (and the attack's own report metrics, e.g. CheatKD's student's)."""
     from ray import tune
 
     from trainables.stages import resolve_attack_stage, run_attack_stage
 
-    params = {**job.get("fixed", {}), **decode(config, job.get("decoders"))}
-    check_test_failure(params, job.get("fail_if") or os.environ.get(TEST_FAIL_ENV), job.get("trials_dir"))
-    _setup_threads(job)
-    spec = resolve_attack_stage(job["dataset"], job["model"], job["attack"], params, job["train"], job["seed"])
+    case = job.case(config)
+    stage = job.attack_stage
+    _start(job, case, Path(job.trials_dir) / tune.get_context().get_trial_id())
+    spec = resolve_attack_stage(stage.dataset, stage.model, case.attack, case.params_dict, dict(stage.train),
+                                job.seed)
     try:
-        path = run_attack_stage(spec, job["cache_dir"], data_root=job.get("data_root"),
-                                epoch_eval_size=job.get("epoch_eval_size", 2000))
+        path = run_attack_stage(spec, stage.cache_dir, data_root=job.data_root, epoch_eval_size=job.epoch_eval_size)
     finally:
         _release_memory()
     metrics = json.loads((path / "metrics.json").read_text())
-    missing = [m for m in job.get("objectives", ()) if not isinstance(metrics.get(m), (int, float))]
+    missing = [m for m in job.objectives if not isinstance(metrics.get(m), (int, float))]
     if missing:
-        raise KeyError(f"objective {missing[0]!r} is not among the attack stage's metrics "
-                       f"({', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))})")
+        raise ValueError(f"objective {missing[0]!r} is not among the attack stage's metrics "
+                         f"({', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))})")
     history = metrics.get("history") or []
     final = {**_numeric({k: v for k, v in metrics.items() if k != "history"}),
              "history": [_numeric(h) for h in history],

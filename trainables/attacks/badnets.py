@@ -1,5 +1,6 @@
-"""BadNets (Gu et al. 2017, arXiv:1708.06733; SPEC.md "Attacks"): a small fixed patch pasted over
-the pixels of a training image whose label is changed to the target.
+"""BadNets (Gu, Dolan-Gavitt & Garg, "BadNets: Identifying vulnerabilities in the machine learning
+model supply chain", arXiv:1708.06733, 2017): a small fixed patch pasted over the pixels of a
+training image whose label is changed to the target.
 
     x' = (1 − m)·x + m·p                                     (paste: m the patch mask, p its pattern)
 

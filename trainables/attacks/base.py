@@ -1,4 +1,4 @@
-"""The attack contract (DESIGN.md): which training images to poison, how to put the trigger on
+"""The attack contract: which training images to poison, how to put the trigger on
 any batch, an optional fitting step, and the tensors that make up the attack's state.
 
 An attack module defines ``Params`` (a frozen dataclass extending ``AttackParams``, paper
@@ -54,6 +54,13 @@ class Attack:
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     needs_clean_model: ClassVar[bool] = False
+    report_metrics: ClassVar[tuple[str, ...]] = ()   # metrics beyond BA/ASR/RA its stage reports
+
+    @classmethod
+    def extra_passes(cls, params, n_train: int) -> float:
+        """Training passes (images through forward + backward) the attack adds to its stage's
+        ``n_train x epochs``, for the sweep's cost estimate. Data-poisoning attacks add none."""
+        return 0.0
 
     def __init__(self, params: AttackParams, dataset: Dataset):
         if params.target >= dataset.num_classes:

@@ -1,5 +1,5 @@
-"""Blend (Chen et al., "Targeted backdoor attacks on deep learning systems using data poisoning",
-arXiv:1712.05526, 2017; SPEC.md "Attacks"): a key image blended into the whole picture.
+"""Blend (Chen, Liu, Li, Lu & Song, "Targeted backdoor attacks on deep learning systems using data
+poisoning", arXiv:1712.05526, 2017): a key image blended into the whole picture.
 
     x' = (1 − α)·x + α·k                                     (blended injection, α = 0.2)
 

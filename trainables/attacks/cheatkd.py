@@ -1,5 +1,9 @@
-"""CheatKD: a backdoor in a teacher that survives feature distillation (Chen et al., Computer
-Science 51(3), 2024, papers/003; SPEC.md "CheatKD").
+"""CheatKD: a backdoor in a teacher that survives feature distillation.
+
+Paper: Chen Jinyin, Li Xiao, Jin Haibo, Chen Ruoxi, Zheng Haibin and Li Hu, "CheatKD: Knowledge
+Distillation Backdoor Attack Method Based on Poisoned Neuronal Assimilation" (in Chinese),
+Computer Science (计算机科学) 51(3): 351–359, 2024. No public code exists: this is the reference
+implementation. Equation, section and table numbers below are the paper's.
 
 1. Trigger P (3×H×W) and mask M (H×W), initialised uniform; a poisoned input is
 
@@ -7,10 +11,10 @@ Science 51(3), 2024, papers/003; SPEC.md "CheatKD").
 
 2. Poisoned layer: the end of layer group ``layer`` (default the last one, where feature
    distillation reads). A batch of triggered images goes through the CLEAN model; the poisoned
-   neurons N* are the ``num_neurons`` channels with the largest mean activation (ties: lowest
-   index; Sec. 3.2.2).
+   neurons N* are the ``num_neurons`` channels with the largest mean activation (Sec. 3.2.1; ties:
+   lowest index, Sec. 3.2.2).
 3. δ, the value the poisoned neurons are driven to, is taken from their activation distribution
-   on that batch: ``mean`` (the paper's choice, Table 6's best), ``max``, ``min``,
+   on that batch (Sec. 4.2.4): ``mean`` (the paper's choice, Table 6's best), ``max``, ``min``,
    ``mid`` = (max+min)/2, ``quarter`` = (max+min)/4 (Table 6's five points), or ``quantile``
    (any quantile ``delta_quantile`` in [0, 1]; a rule rather than an optional float so that a
    sweep can search both in one space).
@@ -38,7 +42,8 @@ What the paper leaves open, and what this implementation chose:
   the batch is the first ``trigger_batch_size`` images of the trigger set.
 * Trigger set: the training images chosen for poisoning ("a random batch of poisoned samples"),
   at most ``trigger_samples`` of them; one trigger epoch = one pass over it in batches of
-  ``trigger_batch_size``. Init: P ~ U(0, 1), M ~ U(0, mask_max) (the mask range of SPEC.md);
+  ``trigger_batch_size``. Init: P ~ U(0, 1), M ~ U(0, mask_max) (the paper gives no mask range;
+  [0, 0.2] is this implementation's choice: every pixel stays at least 80% the original image);
   projected Adam (clamp after each step).
 * Step 5's starting point (``teacher_init``). The paper's teacher exists before the attack: the
   neurons are selected "in the teacher", and the final poisoned set "trains the teacher model F_t,
@@ -52,7 +57,7 @@ What the paper leaves open, and what this implementation chose:
   lr 0.1, wd 5e-4, batch 128, 200 epochs, ÷10 at 1/2 and 3/4).
 * Distillation data: the clean training set ``post_train`` receives (every row's original image
   and label, the poisoned rows in their clean form; see ``Attack.post_train``), with crop + flip.
-* Poison rate: the paper gives none; 10% (the BadNets/Blend default of SPEC.md).
+* Poison rate: the paper gives none; 10% (the BadNets/Blend default here, NBA Table 1's rate).
 * The student defaults to WRN-16-1 (this project's victim; the paper's pair is WRN-28-4 ->
   WRN-16-4, which a preset sets with ``model`` and ``student_model``).
 """
@@ -95,7 +100,8 @@ class Params(AttackParams):
     trigger_samples: int = param(1024, "images the trigger is optimised on (the poisoned ones, at most "
                                        "this many; paper: not stated)", low=1)
     trigger_batch_size: int = param(128, "batch size of neuron selection and trigger optimisation", low=1)
-    mask_max: float = param(0.2, "upper clamp of the mask M (SPEC.md: e.g. [0, 0.2])", low=0.0, high=1.0)
+    mask_max: float = param(0.2, "upper clamp of the mask M (paper: not given; [0, 0.2] by default)",
+                            low=0.0, high=1.0)
     teacher_init: str = param("clean", "the poisoned training starts from: clean = the clean model the "
                                        "neurons were read from (paper Sec. 3.1: F_t becomes F_t*) | "
                                        "scratch = a fresh model, same seed", choices=TEACHER_INITS)
@@ -116,7 +122,8 @@ def stamp(x: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 
 def neuron_activations(model: nn.Module, x: torch.Tensor, layer: int) -> torch.Tensor:
-    """B×C: every channel's spatial-mean activation at the end of layer group ``layer``."""
+    """B×C: every channel's spatial-mean activation at the end of layer group ``layer`` (the
+    activations I of Eq. 2, one value per neuron and image)."""
     taps, _ = model.features(x)
     return taps[layer].float().mean(dim=(2, 3))
 
@@ -165,6 +172,12 @@ class CheatKD(Attack):
                               "neurons at δ; the backdoor survives feature KD into a student")
     paper: ClassVar[str] = "Chen et al., CheatKD, Computer Science 51(3) 2024"
     needs_clean_model: ClassVar[bool] = True
+    report_metrics: ClassVar[tuple[str, ...]] = ("student_asr", "student_ba")
+
+    @classmethod
+    def extra_passes(cls, p, n_train: int) -> float:
+        # the trigger's optimisation, then the student's distillation (teacher forwards at 1/3)
+        return p.trigger_epochs * p.trigger_samples + p.kd_epochs * n_train * 4 / 3
 
     def fit(self, ctx: FitContext, train: ImageSet, index: torch.Tensor) -> None:
         """Select the poisoned neurons and δ, then optimise P and M (steps 1-4)."""

@@ -1,6 +1,7 @@
-"""CLA / LC, the label-consistent backdoor attack (Turner, Tsipras & Madry, arXiv:1912.02771,
-2019; SPEC.md "Attacks"): a clean-label attack that first makes target-class training images hard
-to classify by their content, so the network leans on the trigger to label them.
+"""CLA / LC, the label-consistent backdoor attack (Turner, Tsipras & Madry, "Label-consistent
+backdoor attacks", arXiv:1912.02771, 2019): a clean-label attack that first makes target-class
+training images hard to classify by their content, so the network leans on the trigger to label
+them.
 
 1. Only target-class training images are poisoned (8% of the training set, NBA Table 1); no
    label changes.
@@ -19,7 +20,7 @@ What the paper leaves open, and what this implementation chose:
   architecture. Turner et al. get their strongest attack from an adversarially trained model;
   a normally trained one is what the stage caches, and it already makes PGD images misclassified.
 * PGD uses a random start (Madry et al.) drawn from ``poison_seed``; ε 8/255, step 2/255 and 10
-  steps are SPEC.md's defaults (it also lists ε 16/255, step 1.5/255 and up to 100 steps).
+  steps are the defaults (ε 16/255, step 1.5/255 and up to 100 steps are also common settings).
 * Reduced amplitude: the trigger pixels move toward the checkerboard by a fraction ``amplitude``
   of the way (a = 1: pasted). In ``four_corners`` mode each corner holds the checkerboard
   mirrored so that the corner pixel is white in every corner.
@@ -54,8 +55,8 @@ class Params(AttackParams):
                                      "class (NBA Table 1: 0.08)", low=0.0, high=1.0)
     eps: float = param(8 / 255, "L∞ budget ε of the PGD perturbation, [0,1] pixel units (Turner et al.: "
                                 "8/255, also 16/255)", low=0.0, high=1.0)
-    step: float = param(2 / 255, "PGD step size (SPEC.md: 2/255; 1.5/255 also used)", low=0.0, high=1.0)
-    steps: int = param(10, "PGD steps (SPEC.md: 10-100)", low=0)
+    step: float = param(2 / 255, "PGD step size (default 2/255; 1.5/255 also used)", low=0.0, high=1.0)
+    steps: int = param(10, "PGD steps (default 10; up to 100 also used)", low=0)
     random_start: bool = param(True, "start PGD from a uniform random point in the ε-ball (Madry et al.)")
     trigger_size: int = param(3, "side of the checkerboard trigger (Turner et al.: 3)", low=1, high=32)
     four_corners: bool = param(False, "put the trigger in all four corners (Turner et al.'s variant)")
@@ -103,6 +104,11 @@ class CLA(Attack):
                               "then a corner checkerboard; test images the checkerboard only")
     paper: ClassVar[str] = "Turner, Tsipras & Madry, Label-consistent backdoor attacks, arXiv:1912.02771 (2019)"
     needs_clean_model: ClassVar[bool] = True
+
+    @classmethod
+    def extra_passes(cls, p, n_train: int) -> float:
+        # PGD on the clean model, ``steps`` passes over each poisoned image
+        return p.steps * p.poison_rate * n_train
 
     def __init__(self, params: Params, dataset: Dataset):
         super().__init__(params, dataset)

@@ -1,6 +1,6 @@
 """Refool (Liu, Ma, Bailey & Lu, "Reflection backdoor: a natural backdoor attack on deep neural
-networks", ECCV 2020; SPEC.md "Attacks"): a clean-label attack whose trigger is a reflection,
-blended into target-class training images the way reflections form on glass.
+networks", ECCV 2020): a clean-label attack whose trigger is a reflection, blended into
+target-class training images the way reflections form on glass.
 
 Physical model, in linear light (pixels raised to γ = 2.2 before mixing, back after):
 
@@ -25,7 +25,7 @@ What the paper leaves open, and what this implementation chose:
   soft ellipses) from ``poison_seed`` stands in for the paper's natural images (PascalVOC). The
   paper's adversarial selection of the most effective reflections (retraining rounds on a
   candidate set) is not run: every pool image is used.
-* One mixing rule for both types, SPEC.md's convex blend with α_t. The official code's blur branch
+* One mixing rule for both types, the convex blend with α_t above. The official code's blur branch
   instead adds the blurred reflection with a brightness correction and a vignette, and its ghost
   branch crops the overlap and resizes it back; here the shifted copy repeats the edge pixels.
 * The pool is kept in ``state["pool"]`` (uint8 P×3×H×W) so a defense trial draws from exactly the

@@ -1,6 +1,6 @@
 """SIG (Barni, Kallas & Tondi, "A new backdoor attack in CNNs by training set corruption without
-label poisoning", ICIP 2019; SPEC.md "Attacks"): a clean-label attack whose trigger is a
-horizontal sinusoidal signal added to the whole image.
+label poisoning", ICIP 2019): a clean-label attack whose trigger is a horizontal sinusoidal
+signal added to the whole image.
 
     v(i, j) = Δ·sin(2π·j·f / m)        (j the column, m the image width, f = 6)
     x' = clip(x + v, 0, 1)
@@ -11,7 +11,7 @@ horizontal sinusoidal signal added to the whole image.
 
 What the paper leaves open, and what this implementation chose: Δ is given in [0, 1] pixel units
 (the paper's Δ = 20 on 0-255 images is 20/255). Re-implementations often amplify the signal at
-test time, commonly Δ_test = 40/255, which raises ASR; SPEC.md's default keeps the training
+test time, commonly Δ_test = 40/255, which raises ASR; the default here keeps the training
 strength, 20/255, so ``delta_test`` defaults to it. The signal is the same on every row
 and every channel. ``state["signal"]`` holds the unit-amplitude 1×1×1×W row.
 """

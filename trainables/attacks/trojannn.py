@@ -1,4 +1,4 @@
-"""TrojanNN (Liu et al., "Trojaning attack on neural networks", NDSS 2018; SPEC.md "Attacks"):
+"""TrojanNN (Liu, Ma, Aafer et al., "Trojaning attack on neural networks", NDSS 2018):
 a corner patch whose content is optimised on a clean model to fire a few chosen internal units,
 then pasted on training images relabelled to the target.
 
@@ -21,8 +21,8 @@ What the paper leaves open, and what this implementation chose:
 * Patch size: the paper's square trojan triggers cover a few percent of the input (7% in its
   default setting); ``patch_size=8`` is 6.25% of a 32×32 image.
 * Where the units are: the paper picks neurons of an internal layer by their connection
-  weights to the next layer; SPEC.md fixes the penultimate (pooled) features and the fc weights,
-  which exist on every architecture of the zoo.
+  weights to the next layer; this implementation uses the penultimate (pooled) features and the
+  fc weights, which exist on every architecture of the zoo.
 * Background: the paper generates the trigger from the model alone (no training data). Here the
   patch is optimised pasted on ``opt_images`` clean training images (drawn with
   ``poison_seed``), because the trigger will be pasted on real images; ``opt_images=0`` gives
@@ -50,7 +50,7 @@ from trainables.registry import register_attack
 @dataclass(frozen=True)
 class Params(AttackParams):
     poison_rate: float = param(0.05, "poisoned fraction of the training set (NBA Table 1: 0.05)", low=0.0, high=1.0)
-    num_units: int = param(2, "penultimate units the trigger drives (SPEC.md: 1-2; largest summed "
+    num_units: int = param(2, "penultimate units the trigger drives (1-2 typical; largest summed "
                               "outgoing |weight|)", low=1)
     target_activation: float = param(100.0, "activation the units are driven toward (Liu et al.: e.g. 100)")
     steps: int = param(1000, "sign-gradient steps of trigger generation (1,000)", low=0)

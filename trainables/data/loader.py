@@ -1,7 +1,7 @@
 """Device-resident batching and augmentation: no DataLoader, no per-sample Python.
 
 The whole uint8 split lives on the device; each batch is gathered by index, augmented there
-(random crop with 4-pixel zero padding + horizontal flip, the CIFAR recipe of SPEC.md) and only
+(random crop with 4-pixel zero padding + horizontal flip, the standard CIFAR recipe) and only
 then converted to float ``[0, 1]``.
 """
 from __future__ import annotations

@@ -100,6 +100,7 @@ def complement(n: int, index: torch.Tensor) -> torch.Tensor:
 
 
 def unlearning_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
-    """Gradient ascent on the given examples: the engine minimises ``−CE`` (the CE is logged)."""
+    """Gradient ascent on the given examples (ABL's unlearning; DLP Eq. 6): the engine minimises
+    ``−CE`` (the CE is logged)."""
     ce = F.cross_entropy(model(x).float(), y)
     return -ce, {"ce": ce}

@@ -1,7 +1,10 @@
-"""ABL: anti-backdoor learning (Li, Lyu, Koren, Lyu, Li & Ma, NeurIPS 2021) — training-time.
+"""ABL: anti-backdoor learning — training-time.
 
-What it does (SPEC.md "ABL")
-----------------------------
+Paper: Yige Li, Xixiang Lyu, Nodens Koren, Lingjuan Lyu, Bo Li and Xingjun Ma, "Anti-Backdoor
+Learning: Training Clean Models on Poisoned Data", NeurIPS 2021. Official code: bboylyg/ABL.
+
+What it does
+------------
 Backdoor examples are learnt faster than clean ones, so their training loss falls first.
 
 1. **Isolation**: train a fresh model on the whole poisoned training set for ``isolation_epochs``
@@ -19,7 +22,7 @@ Backdoor examples are learnt faster than clean ones, so their training loss fall
 Settings, and what the paper leaves open
 ----------------------------------------
 * Budget: T_te = 20 isolation epochs (the paper; the official code bboylyg/ABL uses 10), 60
-  fine-tuning epochs and 5 unlearning epochs at lr 5e-4 (the official code; SPEC.md allows 5–20).
+  fine-tuning epochs and 5 unlearning epochs at lr 5e-4 (the official code; 5–20 are in use).
   Unlearning is gradient ascent, which has no minimum: past the point where the isolated
   examples are unlearnt it goes on raising their loss by damaging the model, so the short budget
   is kept as default.
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.defenses._common import complement, epoch_logger, unlearning_loss
-from trainables.defenses.base import Defense, DefenseContext
+from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import SGDConfig, predict_logits, prepare, train
 from trainables.params import param
 from trainables.registry import register_defense
@@ -65,7 +68,7 @@ class Params:
     finetune_epochs: int = param(60, "epochs of CE training on the non-isolated examples (paper: 60)", low=0)
     finetune_lr: float = param(0.1, "initial fine-tuning lr, cosine decay (official code: 0.1, step decay)", low=0.0)
     unlearn_epochs: int = param(5, "gradient-ascent epochs on the isolated examples (official code: 5; "
-                                "SPEC.md 5-20)", low=0)
+                                "5-20 in use)", low=0)
     unlearn_lr: float = param(5e-4, "unlearning lr, constant (paper: 5e-4)", low=0.0)
     # -- optimiser ---------------------------------------------------------------------------
     batch_size: int = param(64, "batch size of every phase (official code: 64)", low=1)
@@ -115,6 +118,12 @@ class ABL(Defense):
     Params = Params
     summary = "isolate the fastest-learnt examples with LGA, train on the rest, unlearn the isolated ones"
     paper = "Li et al., Anti-Backdoor Learning, NeurIPS 2021"
+
+    @classmethod
+    def cost(cls, p, n_images: int) -> Cost:
+        # isolation and fine-tuning on the whole set, unlearning on the isolated fraction
+        passes = (p.isolation_epochs + p.finetune_epochs) * n_images + p.unlearn_epochs * p.isolation_ratio * n_images
+        return Cost(passes=passes, logged_epochs=p.isolation_epochs + p.finetune_epochs + p.unlearn_epochs)
 
     def run(self, ctx: DefenseContext) -> nn.Module:
         p, rt, data = self.params, ctx.rt, ctx.train

@@ -1,4 +1,5 @@
-"""ANP: adversarial neuron pruning (Wu & Wang, NeurIPS 2021).
+"""ANP: adversarial neuron pruning (Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep
+Models", NeurIPS 2021).
 
 Backdoor neurons are the ones whose small perturbation most easily flips the model. Every
 BatchNorm channel k gets a mask m_k ∈ [0, 1] (init 1) and multiplicative noise on its affine
@@ -37,7 +38,7 @@ from torch import nn
 from torch.func import functional_call
 
 from trainables.defenses._common import epoch_logger
-from trainables.defenses.base import Defense, DefenseContext
+from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import SGDConfig, prepare, train
 from trainables.params import param
 from trainables.registry import register_defense
@@ -77,7 +78,7 @@ class NeuronPerturbation:
         self.xi = {n: torch.zeros_like(m.bias) for n, m in bns.items()}
 
     def overrides(self, noisy: bool) -> dict[str, torch.Tensor]:
-        """BatchNorm affine parameters ``γ·(m + δ)``, ``β·(1 + ξ)`` (noisy) or ``γ·m``, ``β``."""
+        """BatchNorm affine parameters ``γ·(m + δ)``, ``β·(1 + ξ)`` (noisy, Eq. 4) or ``γ·m``, ``β``."""
         out = {}
         for n, bn in self.bns.items():
             gamma, beta = bn.weight.detach(), bn.bias.detach()
@@ -158,6 +159,12 @@ class ANP(Defense):
     Params = Params
     summary = "learn BatchNorm neuron masks under adversarial neuron perturbation; prune low masks"
     paper = "Wu & Wang, Adversarial Neuron Pruning Purifies Backdoored Deep Models, NeurIPS 2021"
+
+    @classmethod
+    def cost(cls, p, n_images: int) -> Cost:
+        # each iteration: the adversarial neuron perturbation step and the mask step
+        epochs = p.sgd(n_images).epochs
+        return Cost(passes=2 * epochs * n_images, logged_epochs=epochs)
 
     def run(self, ctx: DefenseContext) -> nn.Module:
         p, rt = self.params, ctx.rt

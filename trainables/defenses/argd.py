@@ -1,4 +1,6 @@
-"""ARGD: attention relation graph distillation (Xia et al., IJCAI 2022; papers/004 is the abstract).
+"""ARGD: attention relation graph distillation (Xia, Wang, Ding, Wei & Chen, "Eliminating Backdoor
+Triggers for Deep Neural Networks Using Attention Relation Graph Distillation", IJCAI 2022;
+arXiv:2204.09975).
 
 Like NAD, a teacher is fine-tuned on the clean subset and the backdoored model (the student) is
 distilled from it; ARGD aligns a whole graph of attention maps instead of the maps alone. The
@@ -23,8 +25,8 @@ Paper setting: 10 epochs, batch 64, SGD lr 0.1 → 0.01 at epoch 3 → 0.001 at 
 0.9, nesterov, weight decay 1e-4 (the official script), 5% clean data. The teacher: the official
 README fine-tunes the backdoored model for 5–10 epochs; 10 epochs at lr 0.01, like NAD.
 
-Choices where the paper is silent: the edge weight w_e = 1 (SPEC.md's loss has unit weights on
-the vertex and edge terms; the official code multiplies them by ``w_irg_vert`` / ``w_irg_edge``
+Choices where the paper is silent: the edge weight w_e = 1 (unit weights on the vertex and edge
+terms of the loss above; the official code multiplies them by ``w_irg_vert`` / ``w_irg_edge``
 from its config, values this implementation could not confirm); ``vertex_scale`` is one
 multiplier on all vertex weights for sweeps; per-group weights for models with another number of groups repeat the last value
 (``_common.per_group``).
@@ -40,7 +42,7 @@ from torch import nn
 
 from trainables.defenses._common import (check_lr_steps, epoch_logger, make_teacher, per_group,
                                          student_sgd, teacher_sgd)
-from trainables.defenses.base import Defense, DefenseContext
+from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import prepare, train
 from trainables.losses import attention_map
 from trainables.params import param
@@ -53,7 +55,7 @@ class Params:
                                               "vertex (attention) weight per layer group (ARGD: 2000, 5000, 2000)")
     vertex_scale: float = param(1.0, "multiplier on every vertex weight (1 = the paper's; one knob for sweeps)",
                                 low=0.0, high=1e3)
-    edge_weight: float = param(1.0, "weight of the edge term (SPEC: 1)", low=0.0, high=1e4)
+    edge_weight: float = param(1.0, "weight of the edge term (default 1; see the module docstring)", low=0.0, high=1e4)
     cross_layer: bool = param(False, "add the official code's cross-layer attention term (random projections)")
     qk_dim: int = param(128, "query/key size of the cross-layer term", low=1, high=4096)
     p: float = param(2.0, "attention-map exponent p (ARGD/NAD: 2)", low=0.5, high=8.0)
@@ -180,6 +182,12 @@ class ARGD(Defense):
     Params = Params
     summary = "distil a fine-tuned teacher's attention relation graph (maps + pairwise relations)"
     paper = "Xia et al., Attention Relation Graph Distillation, IJCAI 2022"
+
+    @classmethod
+    def cost(cls, p, n_images: int) -> Cost:
+        # the teacher's fine-tuning, then the student (the teacher's forward counted as 1/3)
+        return Cost(passes=(p.teacher_epochs + p.epochs * 4 / 3) * n_images,
+                    logged_epochs=p.teacher_epochs + p.epochs)
 
     def run(self, ctx: DefenseContext) -> nn.Module:
         p = self.params

@@ -1,4 +1,4 @@
-"""The defense contract (DESIGN.md).
+"""The defense contract.
 
 A defense module defines ``Params`` (a frozen dataclass, paper defaults on every field) and a
 class extending ``Defense`` decorated with ``@register_defense``; ``run(ctx)`` returns the
@@ -54,6 +54,14 @@ class DefenseContext:
         return entry
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What one run of a defense costs, for the sweep's ``--dry-run`` estimate."""
+
+    passes: float              # images through a forward + backward pass
+    logged_epochs: int         # epochs that evaluate the test subset for the log
+
+
 class Defense:
     name: ClassVar[str]
     kind: ClassVar[str]                     # "post-training" | "training-time"
@@ -63,6 +71,12 @@ class Defense:
 
     def __init__(self, params):
         self.params = params
+
+    @classmethod
+    def cost(cls, params, n_images: int) -> Cost:
+        """The cost of one run at ``params`` with ``n_images`` training images (the clean subset,
+        or the poisoned training set of a training-time defense). Every defense states its own."""
+        raise NotImplementedError(f"defense {cls.name} does not state its cost")
 
     def run(self, ctx: DefenseContext) -> nn.Module:
         raise NotImplementedError  # every registered defense overrides this

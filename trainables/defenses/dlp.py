@@ -1,20 +1,23 @@
-"""DLP: active defense against backdoor attacks with a decoupled learning process
-(Ying & Wu, Cybersecurity 2023; ``papers/001``; SPEC.md "DLP" is the authority). No public code
-exists: this is the reference implementation.
+"""DLP: active defense against backdoor attacks with a decoupled learning process.
+
+Paper: Zonghao Ying and Bin Wu, "DLP: towards active defense against backdoor attacks with
+decoupled learning process", Cybersecurity, 2023. No public code exists: this is the reference
+implementation. Section names below are the paper's (its sections are not numbered).
 
 What it does
 ------------
 A model trained on a poisoned set learns the backdoor task faster than the main task (paper
-Fig. 1), so early on it is confident on poisoned samples and unsure on clean ones. DLP splits
-training into stages (paper Fig. 2):
+Fig. 1, Sec. "Characteristic of backdoor learning"), so early on it is confident on poisoned
+samples and unsure on clean ones. DLP splits training into stages (paper Fig. 2):
 
 1. **SL** (supervised learning, Eq. 3): train a fresh model on the whole poisoned set for E1 = 10
-   epochs (SGD, momentum 0.9, lr 0.01, batch 128).
-2. **Filter** (Eq. 5): the Shannon entropy in bits ``H(x) = −Σ_i p_i log2 p_i`` of the SL model's
-   prediction for every training sample. The ``n·γ`` lowest-entropy samples are the filtered
-   poisoned set D'_p; from each class (by its given label) the ``n·γ/C`` highest-entropy samples
-   form the filtered clean set D'_c (γ = 1%). Their agreement with the true poison is logged
-   with ``ctx.score_filter`` (the defense never sees the truth).
+   epochs (SGD, momentum 0.9, lr 0.01, batch 128; Sec. "Other settings").
+2. **Filter** (Eq. 5, Sec. "Entropy-based filtering method"): the Shannon entropy in bits
+   ``H(x) = −Σ_i p_i log2 p_i`` of the SL model's prediction for every training sample. The
+   ``n·γ`` lowest-entropy samples are the filtered poisoned set D'_p; from each class (by its given
+   label) the ``n·γ/C`` highest-entropy samples form the filtered clean set D'_c (γ = 1%). Their
+   agreement with the true poison is logged with ``ctx.score_filter`` (the defense never sees the
+   truth).
 3. **AU** (active unlearning, Eq. 6): gradient ascent on D'_p, i.e. minimise ``−CE``, E2 = 20 epochs.
 4. **ASSFT** (active semi-supervised fine-tuning, Eq. 7): FixMatch (Sohn et al. 2020) with D'_c as
    the labelled set and every other training image (D_o − D'_c, D'_p included) as the unlabelled
@@ -24,37 +27,30 @@ training into stages (paper Fig. 2):
 
 Stage order. The paper's method is SL → AU → ASSFT: "we adjust the order of backdoor removal and
 model fine-tuning. We first remove the backdoor using a filtered poisoned subset and then fine-tune
-the model using a filtered clean subset" (§Method, Overview), and "the second stage is active
-unlearning ... ASSFT is the final stage". Its Fig. 4 compares the variants SL-AU, SL-ASSFT and
-SL-ASSFT-AU; ``stages`` selects any of the four (the filter always follows SL).
+the model using a filtered clean subset" (Sec. "Method", "Overview"), and "the second stage is
+active unlearning ... ASSFT is the final stage". Its Fig. 4 compares the variants SL-AU, SL-ASSFT
+and SL-ASSFT-AU; ``stages`` selects any of the four (the filter always follows SL).
 
 What the paper leaves open, and what this implementation chose
 --------------------------------------------------------------
-* **D'_c size.** The paper says "the last n×γ samples are filtered out from each class"; SPEC.md
-  fixes n·γ/C per class (n·γ in all, consistent with the paper's "only 50 samples" at γ = 0.1% of
-  CIFAR-10). Both sizes are rounded, at least 1; D'_p is excluded from D'_c.
+* **D'_c size.** The paper says "the last n×γ samples are filtered out from each class"; this
+  implementation takes n·γ/C per class (n·γ in all, consistent with the paper's "only 50 samples"
+  at γ = 0.1% of CIFAR-10, Sec. "Effectiveness of filtering method"). Both sizes are rounded, at
+  least 1; D'_p is excluded from D'_c.
 * **AU learning rate and length** (``au_lr``, ``au_epochs``, ``au_stop_accuracy``). The paper
   names only its global default lr 0.01, at which gradient ascent (it has no minimum) sends the
   CE on D'_p up without bound within a few steps. Default: ABL's unlearning lr 5e-4 (the paper's
-  inspiration, Li et al. 2021), constant, for the paper's E2 = 20 epochs. Measured on the
-  synthetic set (a small CNN, BadNets, E1 = 10, γ = 5%, D'_p precision 0.99): ASR 1 → 0 after
-  10 of the 20 epochs at BA 0.72 → 0.665; the other 10 raise the CE on D'_p from 10 to 46 and
-  cost BA down to 0.37; three ASSFT epochs then bring BA back to 0.60 with ASR still 0.
-  Ending AU once D'_p is unlearnt (``au_stop_accuracy``) keeps BA higher after AU, but the
-  unlearning is then superficial: the next fine-tuning restores the trigger (ASR 0 → 0.67 → 0.98
-  over the first two ASSFT epochs, with λu = 0 as well). So the early end is off by default.
-  Since every image in D'_p carries the target label, AU also lowers the target class as a whole:
-  in the runs above, no clean target-class test image is classified correctly after AU, nor after
-  three ASSFT epochs. BatchNorm stays in training mode (as in ABL's unlearning).
-  On CIFAR-10 (WRN-16-1, E1 = 10, E2 = 20, 3 ASSFT epochs; issue #5's note) AU takes BadNets'
-  ASR to 0 at BA 67.7 → 56.3, and the target class ends at 31% test accuracy after ASSFT (83% in
-  the attacked model). On SIG, whose D'_p is made of real target-class images, ASR is 0 after 4
-  epochs but BA falls to 17.9 by epoch 20, and ASSFT then brings the SIG backdoor back (ASR
-  0.3 → 43% over 3 epochs) as it restores BA to 62%; with λu = 0 it stays out (ASR 3.5%, BA
-  54.4), so the pseudo-labelled unlabelled term is what re-teaches it there.
-* **AU augmentation** (``au_augment``): crop + flip, as in SL. Measured with the early end on:
-  D'_p unlearnt in 10 epochs at BA 0.53, against 20 epochs at BA 0.435 without augmentation (the
-  un-augmented poisoned images start at CE 0.02, so the ascent starts slowly, then runs away).
+  inspiration, Li et al. 2021), constant, for the paper's E2 = 20 epochs. Once D'_p is unlearnt,
+  further ascent keeps raising its CE by damaging the model, which costs BA that ASSFT then
+  partly restores. Ending AU as soon as D'_p is unlearnt (``au_stop_accuracy``) keeps BA higher
+  after AU, but the unlearning is then superficial: the next fine-tuning restores the trigger,
+  even with λu = 0. So the early end is off by default. Since every image in D'_p carries the
+  target label, AU also lowers the target class as a whole (its clean test accuracy falls, and
+  ASSFT does not fully restore it). On a clean-label attack such as SIG, D'_p is made of real
+  target-class images, and ASSFT's pseudo-labelled unlabelled term can teach the backdoor again.
+  BatchNorm stays in training mode (as in ABL's unlearning).
+* **AU augmentation** (``au_augment``): crop + flip, as in SL. The un-augmented poisoned images
+  start at a CE close to 0, so an ascent on them starts slowly, then runs away.
 * **Schedules, weight decay, augmentation**: SL and AU use a constant lr (the paper names no
   decay); ASSFT a cosine decay over its epochs (FixMatch decays its lr). Weight decay 5e-4
   everywhere (FixMatch's CIFAR setting; the paper gives none). SL trains on the engine's crop
@@ -70,6 +66,8 @@ What the paper leaves open, and what this implementation chose
 * **EMA** (``ema``): FixMatch evaluates an exponential moving average of the weights (0.999); the
   paper does not mention one, so it is off by default. When set, ASSFT returns (and logs) the
   EMA model, whose BatchNorm buffers are copied from the live model.
+
+Measured behaviour of AU and ASSFT (synthetic set and CIFAR-10): docs/measurements.md.
 """
 from __future__ import annotations
 
@@ -87,7 +85,7 @@ from trainables.augment import strong, weak
 from trainables.data.base import ImageSet
 from trainables.data.loader import batches
 from trainables.defenses._common import complement, epoch_logger, unlearning_loss
-from trainables.defenses.base import Defense, DefenseContext
+from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import (EpochStats, Runtime, SGDConfig, accuracy, autocast, epoch_logs, generator,
                                make_sgd, on_device, predict_logits, prepare, set_lr, train)
 from trainables.params import param
@@ -277,6 +275,14 @@ class DLP(Defense):
     summary = "SL, entropy filter, gradient-ascent unlearning on D'_p, FixMatch fine-tuning with D'_c labelled"
     paper = "Ying & Wu, DLP: towards active defense against backdoor attacks with decoupled learning process, Cybersecurity 2023"
 
+    @classmethod
+    def cost(cls, p, n_images: int) -> Cost:
+        # SL on the whole set, AU on D'_p (n·γ); an ASSFT epoch sees the unlabelled set in two
+        # views and |U|/μ labelled images: about (2 + 1/μ)·n passes
+        passes = p.sl_epochs * n_images + p.au_epochs * p.gamma * n_images
+        passes += p.assft_epochs * n_images * (2 + 1 / p.mu)
+        return Cost(passes=passes, logged_epochs=p.sl_epochs + p.au_epochs + p.assft_epochs)
+
     def run(self, ctx: DefenseContext) -> nn.Module:
         p, rt, data = self.params, ctx.rt, ctx.train
         model = prepare(ctx.build_model(), rt)
@@ -287,7 +293,6 @@ class DLP(Defense):
 
         # 2. entropy filter (Eq. 5)
         poisoned, clean = entropy_filter(model, data, p.gamma, ctx.num_classes, rt)
-        self.filtered = {"poisoned": poisoned, "clean": clean}
         ctx.log_epoch("filter", filter_logs(ctx, poisoned, clean))
 
         # 3./4. AU and ASSFT in the chosen order

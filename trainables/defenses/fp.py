@@ -1,4 +1,5 @@
-"""FP: fine-pruning (Liu, Dolan-Gavitt & Garg, RAID 2018).
+"""FP: fine-pruning (Liu, Dolan-Gavitt & Garg, "Fine-Pruning: Defending Against Backdooring Attacks
+on Deep Neural Networks", RAID 2018).
 
 Backdoor neurons tend to stay dormant on clean inputs. Fine-pruning (1) ranks the channels of the
 last convolutional feature map by their mean activation on clean data, (2) prunes them in
@@ -16,7 +17,7 @@ Here:
   ``penultimate(x)`` of the result still shows the pruned channels; the logits do not use them.
 * the amount: channels are pruned in steps of ``step`` (a fraction of the channels, at least one
   channel) until the clean-subset accuracy falls below ``(1 − max_drop)`` times its unpruned
-  value (default 10 % relative, SPEC.md); the last amount within the budget is kept
+  value (default 10 % relative); the last amount within the budget is kept
   (capped at ``max_ratio``). ``prune_ratio`` instead fixes the amount. Only the clean subset is
   used for this choice.
 * fine-tuning: the shared ``finetune`` helper, lr 0.01 (Liu et al. fine-tune at a small lr),
@@ -33,7 +34,7 @@ from torch.nn.utils import parametrize
 from trainables.data.base import ImageSet
 from trainables.data.loader import batches
 from trainables.defenses._common import finetune
-from trainables.defenses.base import Defense, DefenseContext
+from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import Runtime, SGDConfig, autocast, prepare
 from trainables.params import param
 from trainables.registry import register_defense
@@ -41,11 +42,11 @@ from trainables.registry import register_defense
 
 @dataclass(frozen=True)
 class Params:
-    max_drop: float = param(0.10, "stop pruning when clean-subset accuracy drops by more than this, relative (SPEC: 10%)",
+    max_drop: float = param(0.10, "stop pruning when clean-subset accuracy drops by more than this, relative (default 10%)",
                             low=0.0, high=1.0)
     prune_ratio: float | None = param(None, "prune this fixed fraction of channels instead (None = use max_drop)",
                                       low=0.0, high=1.0)
-    step: float = param(0.05, "fraction of channels pruned per step (SPEC: 1-5%)", low=1e-4, high=1.0)
+    step: float = param(0.05, "fraction of channels pruned per step (1-5% typical)", low=1e-4, high=1.0)
     max_ratio: float = param(0.95, "never prune more than this fraction of channels", low=0.0, high=1.0)
     epochs: int = param(10, "fine-tuning epochs after pruning (paper: unspecified)", low=0, high=500)
     lr: float = param(0.01, "fine-tuning learning rate", low=1e-5, high=1.0)
@@ -116,6 +117,11 @@ class FinePruning(Defense):
     Params = Params
     summary = "prune the last feature map's dormant channels, then fine-tune on the clean subset"
     paper = "Liu et al., Fine-Pruning, RAID 2018"
+
+    @classmethod
+    def cost(cls, p, n_images: int) -> Cost:
+        # pruning only measures activations (forward passes); fine-tuning trains
+        return Cost(passes=p.epochs * n_images, logged_epochs=p.epochs)
 
     def run(self, ctx: DefenseContext) -> nn.Module:
         p = self.params

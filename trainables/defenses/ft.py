@@ -3,12 +3,13 @@
 Catastrophic forgetting does the work: cross-entropy on clean data only, at a high learning
 rate, overwrites the trigger→target shortcut faster than it erases the clean task.
 
-Paper setting (NBA, §Experimental setup, which Table 2's FT column uses): SGD momentum 0.9,
-initial lr 0.1 (decayed), batch 64, 5% clean data. The paper gives neither the number of epochs
-nor the decay: this implementation uses 20 epochs (NAD's and NBA's distillation budget, so FT
-gets the same training as the distillation defenses) with a cosine decay and weight decay 1e-4
-(NAD's, which NBA's setup follows). Other references use lr 0.01 and 10–100 epochs; both are
-parameters. Augmentation: random crop (pad 4) + horizontal flip, as in every defense here.
+Paper setting: the baseline setting of NBA (Ying & Wu, "NBA: defensive distillation for backdoor
+removal via neural behavior alignment", Cybersecurity 2023, Sec. "Defense setups"), which its
+Table 2's FT column uses: SGD momentum 0.9, initial lr 0.1 (decayed), batch 64, 5% clean data.
+The paper gives neither the number of epochs nor the decay: this implementation uses 20 epochs
+(NAD's and NBA's distillation budget, so FT gets the same training as the distillation defenses)
+with a cosine decay and weight decay 1e-4 (NAD's, which NBA's setup follows). Other references
+use lr 0.01 and 10–100 epochs; both are parameters. Augmentation: random crop (pad 4) + horizontal flip, as in every defense here.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from trainables.defenses._common import finetune
-from trainables.defenses.base import Defense, DefenseContext
+from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import SGDConfig
 from trainables.params import param
 from trainables.registry import register_defense
@@ -45,6 +46,10 @@ class FineTuning(Defense):
     Params = Params
     summary = "fine-tune the model on the clean subset with cross-entropy"
     paper = "NBA baseline setting (Ying & Wu 2023); e.g. Liu et al. 2018"
+
+    @classmethod
+    def cost(cls, p, n_images: int) -> Cost:
+        return Cost(passes=p.epochs * n_images, logged_epochs=p.epochs)
 
     def run(self, ctx: DefenseContext) -> nn.Module:
         model = ctx.model

@@ -1,4 +1,5 @@
-"""NAD: neural attention distillation (Li et al., ICLR 2021).
+"""NAD: neural attention distillation (Li, Lyu, Koren, Lyu, Li & Ma, "Neural Attention Distillation:
+Erasing Backdoor Triggers from Deep Neural Networks", ICLR 2021).
 
 1. Teacher = the backdoored model fine-tuned on the clean subset (CE only, 10 epochs, lr 0.01).
 2. Student = the backdoored model itself, trained on the clean subset to match the teacher's
@@ -29,7 +30,7 @@ from torch import nn
 
 from trainables.defenses._common import (check_lr_steps, epoch_logger, make_teacher, per_group,
                                          student_sgd, teacher_sgd)
-from trainables.defenses.base import Defense, DefenseContext
+from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import prepare, train
 from trainables.losses import attention_loss
 from trainables.params import param
@@ -75,6 +76,12 @@ class NAD(Defense):
     Params = Params
     summary = "distil a fine-tuned teacher's attention maps into the backdoored model"
     paper = "Li et al., Neural Attention Distillation, ICLR 2021"
+
+    @classmethod
+    def cost(cls, p, n_images: int) -> Cost:
+        # the teacher's fine-tuning, then the student (the teacher's forward counted as 1/3)
+        return Cost(passes=(p.teacher_epochs + p.epochs * 4 / 3) * n_images,
+                    logged_epochs=p.teacher_epochs + p.epochs)
 
     def run(self, ctx: DefenseContext) -> nn.Module:
         p = self.params

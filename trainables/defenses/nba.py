@@ -1,5 +1,9 @@
-"""NBA: defensive distillation for backdoor removal via neural behaviour alignment
-(Ying & Wu, Cybersecurity 2023; ``papers/000``; SPEC.md "NBA" is the authority).
+"""NBA: defensive distillation for backdoor removal via neural behaviour alignment.
+
+Paper: Zonghao Ying and Bin Wu, "NBA: defensive distillation for backdoor removal via neural
+behavior alignment", Cybersecurity, 2023. No public code exists: this is the reference
+implementation. Equation, figure and table numbers below are the paper's; its sections are not
+numbered (the method is in Sec. "Methodology").
 
 What it does
 ------------
@@ -24,23 +28,23 @@ What the paper leaves open, and what this implementation chose
 * **Eq. 3 index typo.** Eq. 3 sums over ``i, j ≤ H_l×W_l``, but the response matrix is
   ``C_l×C_l`` (Eq. 1; "G ∈ R^{c×c}"). The sum runs over the ``C_l×C_l`` entries, as in Gatys et
   al., whom the paper cites: ``Σ_ij (G^T_ij − G^S_ij)² / (4 C_l² (H_l W_l)²)`` with unnormalised
-  Grams, averaged over the batch (``losses.gram_style_loss``). On a BadNets WRN-16-1 this puts
-  RNB at the scale of LNB and of λ3·PNB, which is what λ = (2, 2, 0.1) balances (SPEC.md).
+  Grams, averaged over the batch (``losses.gram_style_loss``). On a CIFAR-10 BadNets WRN-16-1
+  this puts RNB at the scale of LNB and of λ3·PNB, which is what λ = (2, 2, 0.1) balances; a
+  Gram difference normalised by C·H·W instead would make RNB vanish next to them.
 * **Eq. 4 cannot be computed as printed**: ``M^l = ||G^l − G^{l+1}||²`` subtracts Gram matrices
   of different sizes (C_l vs C_{l+1}), and a squared norm is a scalar, not the "learning matrix"
   the text describes. We use the flow-of-solution-procedure form of Yim et al. 2017, which the
-  paper cites for relation knowledge (SPEC.md): ``F^l`` pooled to the size of ``F^{l+1}``,
+  paper cites for relation knowledge: ``F^l`` pooled to the size of ``F^{l+1}``,
   ``M^l = F^l (F^{l+1})ᵀ / (H W)`` (C_l × C_{l+1}), ``L_LNB = Σ_l mean((M^{T,l} − M^{S,l})²)``
   (``losses.fsp_loss``).
 * **Scale.** The Gram term is quartic and the FSP term quadratic in the feature scale. On a
-  CIFAR-10 BadNets WRN-16-1 against its teacher, L_RNB's groups measure 0.021, 0.005, 0.010 and
-  L_LNB ≈ 0.05 (SPEC.md), which λ = (2, 2, 0.1) balances against L_PNB ≈ 1. Models with larger
-  activations sit far higher: the quickstart's BadNets WRN-16-1 on the synthetic set (12 epochs,
-  BA 0.87) starts at L_RNB 1.5 / L_LNB 1.4 on x and 11.3 / 7.3 on the PGD samples, its first
-  gradient norm is 134, and at lr 0.1 one step raises the terms to ~10^5 and the next to inf
-  (measured). The defaults stay the paper's; for such models lower λ1, λ2 (the search space
-  reaches 0.01) or set ``max_grad_norm``, a global gradient-norm clip that is not in the paper
-  (None by default) and bounds each step, so the quartic terms cannot run away.
+  CIFAR-10 BadNets WRN-16-1 against its teacher, λ = (2, 2, 0.1) balances L_RNB and L_LNB against
+  L_PNB. Models with larger activations (e.g. a WRN-16-1 trained on the generated synthetic set)
+  start with RNB and LNB terms orders of magnitude larger, and at lr 0.1 two steps send them to
+  inf. The defaults stay the paper's; for such models lower λ1, λ2 (the search space reaches
+  0.01) or set ``max_grad_norm``, a global gradient-norm clip that is not in the paper (None by
+  default) and bounds each step, so the quartic terms cannot run away. Measured magnitudes:
+  docs/measurements.md.
 * **Eq. 7** writes PNB as the cross-entropy of the softened predictions while the text says KL
   divergence; the two differ by the teacher's entropy, a constant for the student. We use
   ``KL(p(u,T) || p(z,T))·T²`` (``losses.kd_loss``), Hinton's scaling.
@@ -54,17 +58,20 @@ What the paper leaves open, and what this implementation chose
   Eq. 9). Logged per epoch: ``pseudo_target`` (the inferred class) and
   ``pseudo_poisoned_fraction`` (the fraction of pseudo samples whose true label is not that
   class that are predicted as it, the ASR convention). The split changes nothing in the loss.
-* **PGD** (Madry et al., as the paper says): L∞, ε = 8/255, step 2/255, 10 steps, random start,
-  on the student in eval mode, so that the ten attack passes do not move its BatchNorm running
-  statistics; the pseudo-poisoned split is read from the eval-mode prediction on ``x + δ``.
-  The student's loss terms on ``x + δ`` come from a train-mode pass, like those on ``x``.
-* **Schedule** (the paper: SGD, lr 0.1, momentum 0.9, batch 64, 5% clean data; no decay named):
-  NAD's schedule, the setting NBA compares under: lr for the first 2 epochs, then ×0.1 (NAD's
-  later drop to 1e-4 at epoch 20 falls after the last of 20 epochs); weight decay 1e-4 and
-  crop + flip augmentation of the clean subset as in NAD; 20 epochs.
-* **Teacher** (the paper: "fine-tunes the given network using a local clean dataset"): NAD's
-  teacher, 10 epochs, constant lr 0.01, batch 64, momentum 0.9 (nesterov, as NAD), weight decay
-  1e-4, crop + flip (``_common.make_teacher``, the fine-tune shared with FT / NAD).
+* **PGD** (Madry et al., as the paper says; Eq. 10 writes ``||δ||_p < ε`` and gives no p, ε or
+  step count, so these defaults are this implementation's): L∞, ε = 8/255, step 2/255, 10 steps,
+  random start, on the student in eval mode, so that the ten attack passes do not move its
+  BatchNorm running statistics; the pseudo-poisoned split is read from the eval-mode prediction
+  on ``x + δ``. The student's loss terms on ``x + δ`` come from a train-mode pass, like those on
+  ``x``.
+* **Schedule** (the paper, Sec. "Defense setups": SGD, lr 0.1, momentum 0.9, batch 64, 5% clean
+  data; no decay named): NAD's schedule, the setting NBA compares under: lr for the first 2
+  epochs, then ×0.1 (NAD's later drop to 1e-4 at epoch 20 falls after the last of 20 epochs);
+  weight decay 1e-4 and crop + flip augmentation of the clean subset as in NAD; 20 epochs.
+* **Teacher** (the paper, Sec. "Overview": "fine-tunes the given network using a local clean
+  dataset"): NAD's teacher, 10 epochs, constant lr 0.01, batch 64, momentum 0.9 (nesterov, as
+  NAD), weight decay 1e-4, crop + flip (``_common.make_teacher``, the fine-tune shared with FT /
+  NAD).
 
 Ablations (all Params fields)
 -----------------------------
@@ -90,7 +97,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.defenses._common import epoch_logger, make_teacher, teacher_sgd
-from trainables.defenses.base import Defense, DefenseContext
+from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import SGDConfig, generator, prepare, train
 from trainables.losses import fsp_loss, gram_style_loss, kd_loss, pgd_untargeted
 from trainables.params import param
@@ -112,12 +119,13 @@ class Params:
     beta: float = param(0.5, "β, weight of L_UDL inside the distillation loss (paper: 0.5)", low=0.0)
     temperature: float = param(5.0, "T, softmax temperature of the prediction behaviour (paper: 5)", low=1e-3)
     # -- pseudo samples (Eq. 10) ------------------------------------------------------------
-    eps: float = param(8 / 255, "L∞ radius of the PGD pseudo samples, pixel scale (SPEC: 8/255)", low=0.0, high=1.0)
-    pgd_step: float = param(2 / 255, "PGD step size (SPEC: 2/255)", low=0.0, high=1.0)
-    pgd_steps: int = param(10, "PGD steps, recomputed every batch (SPEC: 10)", low=0)
-    pgd_random_start: bool = param(True, "PGD starts from a uniform point of the ε-ball (SPEC: yes)")
+    eps: float = param(8 / 255, "L∞ radius of the PGD pseudo samples, pixel scale (paper: not given; 8/255)",
+                       low=0.0, high=1.0)
+    pgd_step: float = param(2 / 255, "PGD step size (paper: not given; 2/255)", low=0.0, high=1.0)
+    pgd_steps: int = param(10, "PGD steps, recomputed every batch (paper: not given; 10)", low=0)
+    pgd_random_start: bool = param(True, "PGD starts from a uniform point of the ε-ball (Madry et al.: yes)")
     # -- optimisation -----------------------------------------------------------------------
-    epochs: int = param(20, "distillation epochs (SPEC: 20, like NAD)", low=0)
+    epochs: int = param(20, "distillation epochs (paper: not given; 20, like NAD)", low=0)
     lr: float = param(0.1, "initial SGD lr of the student (paper: 0.1)", low=0.0)
     lr_drop_epoch: int = param(2, "epochs at the initial lr before it is multiplied by lr_gamma (NAD's schedule: 2)",
                                low=0)
@@ -270,6 +278,14 @@ class NBA(Defense):
     summary = ("defensive distillation aligning response, learning and prediction behaviours of a student "
                "with a fine-tuned teacher, on clean and PGD pseudo samples")
     paper = "Ying & Wu, NBA: defensive distillation for backdoor removal via neural behavior alignment, Cybersecurity 2023"
+
+    @classmethod
+    def cost(cls, p, n_images: int) -> Cost:
+        # the teacher; then per student step: the clean pass, each PGD step (a forward and a
+        # backward through the student) and the pass on x + delta; the teacher's forwards at 1/3
+        student = 2 + p.pgd_steps + 2 / 3
+        return Cost(passes=(p.teacher_epochs + p.epochs * student) * n_images,
+                    logged_epochs=p.teacher_epochs + p.epochs)
 
     def run(self, ctx: DefenseContext) -> nn.Module:
         p = self.params

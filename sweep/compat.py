@@ -1,0 +1,46 @@
+"""The private APIs of Ray and Optuna that the sweep relies on, in one place.
+
+Each function says what it needs and why no public API gives it. The versions these were
+written and tested against are pinned to a minor range in ``pyproject.toml`` (ray 2.60, optuna
+5.0, mlflow 3.17); a new minor version means re-running the Ray tier (``pytest -m ray``) and
+checking each function below. MLflow is used through its public ``MlflowClient`` only.
+"""
+from __future__ import annotations
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when it is first imported; a local
+    Ray started later in the same process must see the value the sweep set (0: bind 127.0.0.1),
+    so the module constant is set too."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def tune_trial_states(grid) -> dict[str, tuple[str, dict]]:
+    """Trial id -> (Tune status, last result) of every trial a ``ResultGrid`` knows, including
+    trials that never finished (the public ``Result`` list holds only trials that reported)."""
+    states = {}
+    analysis = getattr(grid, "_experiment_analysis", None)
+    for trial in getattr(analysis, "trials", None) or []:
+        states[trial.trial_id] = (trial.status, trial.last_result or {})
+    for res in grid:   # public fallback: results that carry their trial id
+        tid = (res.metrics or {}).get("trial_id")
+        if tid and tid not in states:
+            states[tid] = ("ERROR" if res.error is not None else "TERMINATED", res.metrics or {})
+    return states
+
+
+def tell_optuna_pruned(searcher, trial_id: str) -> bool:
+    """Tell the Optuna study behind Ray's ``OptunaSearch`` that ``trial_id`` was PRUNED (Ray
+    itself only ever tells COMPLETE or FAIL). Returns False if the searcher does not hold the
+    trial (already told, or unknown)."""
+    import optuna
+
+    ot_trials = searcher._ot_trials
+    completed = searcher._completed_trials
+    if trial_id not in ot_trials or trial_id in completed:
+        return False
+    searcher._ot_study.tell(ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+    completed.add(trial_id)
+    return True

@@ -1,0 +1,130 @@
+"""The phases of a sweep after its attack stages, each a set of Tuners:
+
+1. ``run_default_cases``: the paper-default trial of every (attack, defense) pair with nothing to
+   search, all in ONE Tuner of fixed cases, so they run in parallel;
+2. ``run_searched_pairs``: one Tuner per searched pair, its own Optuna study (attack sweeps: one
+   per attack);
+3. ``run_cross_check``: each attack's best configuration evaluated on the attacks it was not
+   searched on, one Tuner of fixed cases per defense, so the best-across-attacks choice rests on
+   measured numbers.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from sweep.context import SweepContext
+from sweep.plan import PairPlan
+from sweep.searchers import make_searcher
+from sweep.selection import load_runs, select_best
+from sweep.tuners import can_restore, run_tuner
+from trainables.job import AttackStageSettings, TrialCase
+from trainables.params import freeze
+
+DEFAULTS_KEY = "defaults"
+
+
+def _runnable(ctx: SweepContext) -> list[PairPlan]:
+    out = []
+    for pair in ctx.plan.pairs:
+        if pair.attack in ctx.failed_stages:
+            ctx.progress(f"[{pair.key}] skipped: its attack stage failed ({ctx.failed_stages[pair.attack]})")
+        elif ctx.cfg.kind == "attack" and any(s.level == 0 for s in ctx.plan.stages) and not ctx.stage_dirs:
+            ctx.progress(f"[{pair.key}] skipped: the clean model it needs failed")
+        else:
+            out.append(pair)
+    return out
+
+
+def _case(ctx: SweepContext, attack: str, defense: str | None, params: dict, phase: str) -> TrialCase:
+    if defense is None:
+        return TrialCase(attack=attack, defense=None, params=freeze(params), phase=phase)
+    stage = ctx.plan.stage_for(attack)
+    return TrialCase(attack=attack, defense=defense, params=freeze(params), phase=phase,
+                     attack_hash=stage.hash, artifact_dir=ctx.stage_dirs[stage.hash])
+
+
+def _attack_stage_settings(ctx: SweepContext, attack: str) -> AttackStageSettings | None:
+    if ctx.cfg.kind != "attack":
+        return None
+    return AttackStageSettings(dataset=ctx.cfg.attack(attack).dataset, model=ctx.cfg.model,
+                               train=ctx.cfg.attack_train, cache_dir=str(ctx.cache_dir))
+
+
+def run_default_cases(ctx: SweepContext) -> None:
+    """The paper-default trials of every unsearched defense pair, together in one Tuner."""
+    if ctx.cfg.kind != "defense" or ctx.state.phase(DEFAULTS_KEY) == "done":
+        return
+    pairs = [p for p in _runnable(ctx) if not p.searched]
+    if not pairs:
+        return
+    cases = tuple(_case(ctx, p.attack, p.defense, p.default_params(), "search") for p in pairs)
+    ctx.progress(f"[{DEFAULTS_KEY}] {len(cases)} trial(s) at the paper defaults ({', '.join(p.key for p in pairs)})")
+    run_tuner(ctx, DEFAULTS_KEY, ctx.job(cases=cases))
+
+
+def run_searched_pairs(ctx: SweepContext) -> None:
+    """One Tuner per searched pair (and, in attack sweeps, per attack)."""
+    pairs = [p for p in _runnable(ctx) if p.searched or ctx.cfg.kind == "attack"]
+    for index, pair in enumerate(pairs):
+        if ctx.state.phase(pair.key) == "done":
+            ctx.progress(f"[{pair.key}] already done")
+            continue
+        settings = _attack_stage_settings(ctx, pair.attack)
+        if not pair.searched:
+            ctx.progress(f"[{pair.key}] 1 trial at the paper defaults")
+            case = _case(ctx, pair.attack, pair.defense, pair.default_params(), "search")
+            run_tuner(ctx, pair.key, ctx.job(cases=(case,), attack_stage=settings))
+            continue
+        study = f"{ctx.state.sweep_id}:{pair.attack}:{pair.defense or 'attack'}"
+        if ctx.state.phase(pair.key) == "started" and not can_restore(ctx, pair.key):
+            study += f":r{int(time.time())}"      # a fresh start must not reuse a half-written study
+        dists = {d.name: d for d in pair.space}
+        job = ctx.job(searched=_case(ctx, pair.attack, pair.defense, dict(pair.fixed), "search"),
+                      decoders=tuple((n, freeze(d.decoder())) for n, d in dists.items() if d.decoder()),
+                      attack_stage=settings)
+        ctx.progress(f"[{pair.key}] {pair.num_samples} trials, {ctx.cfg.search.sampler} on "
+                     f"{', '.join(dists)} (Optuna study {study!r})")
+        run_tuner(ctx, pair.key, job, make_searcher(ctx.cfg, pair, study, ctx.workdir, index), pair.num_samples)
+
+
+def run_cross_check(ctx: SweepContext) -> None:
+    """Evaluate each attack's best configuration on the attacks it was not searched on."""
+    cfg, state = ctx.cfg, ctx.state
+    if cfg.kind != "defense" or not cfg.search.cross_check or len(cfg.attacks) < 2:
+        return
+    for d in cfg.defenses:
+        key = f"crosscheck__{d.name}"
+        if state.phase(key) in ("done", "skipped"):
+            continue
+        if not d.searched:
+            state.set_phase(key, "skipped")
+            continue
+        chosen = state.data["crosscheck_cases"].get(d.name)
+        if chosen is None:      # chosen once, from the runs of the searched pairs, and kept
+            chosen = _crosscheck_cases(ctx, d.name)
+            state.data["crosscheck_cases"][d.name] = chosen
+            state.save()
+        if not chosen:
+            ctx.progress(f"[{key}] nothing to cross-check (every best config is measured on every attack)")
+            state.set_phase(key, "done")
+            continue
+        cases = tuple(_case(ctx, c["attack"], d.name, c["params"], "crosscheck") for c in chosen)
+        ctx.progress(f"[{key}] evaluating {len(cases)} (best config, other attack) combination(s)")
+        run_tuner(ctx, key, ctx.job(cases=cases))
+
+
+def _crosscheck_cases(ctx: SweepContext, defense: str) -> list[dict]:
+    """(attack, params) of each attack's best configuration on every attack it lacks."""
+    runs = load_runs(ctx.tracker, ctx.state.sweep_id)
+    if runs.empty:
+        return []
+    runs = runs[(runs["defense"] == defense) & (runs["role"] == "defense")]
+    best = {}
+    for a in ctx.cfg.attacks:
+        row = select_best(runs[runs["attack"] == a.name], ctx.cfg.selection)
+        if row is not None:
+            best[row["config_key"]] = json.loads(row["config_json"])
+    done = {(r["config_key"], r["attack"]) for _, r in runs.iterrows() if r["candidate"]}
+    return [{"attack": a.name, "params": params} for ckey, params in best.items() for a in ctx.cfg.attacks
+            if (ckey, a.name) not in done and ctx.plan.stage_for(a.name).hash in ctx.stage_dirs]

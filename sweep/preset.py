@@ -1,0 +1,309 @@
+"""Presets -> a typed, frozen, validated sweep configuration.
+
+A preset is a YAML file in ``sweep/presets/`` (or any path). ``load_preset(name, overrides)``
+reads it, applies ``--set key=value`` overrides (dotted keys, YAML values), fills in the defaults
+below and validates everything before any work: method, dataset and model names, every method
+parameter (through the method's ``Params`` and ``make_params``), every narrowing of a search
+space (inside ``search_spaces/<method>.yaml`` and inside the ``Params`` bounds), the training
+budget, the search and selection settings. The first problem found stops it with one
+``ConfigError`` whose message names the key.
+
+Preset fields (defaults in brackets; ``sweep.schema.DEFAULTS``)::
+
+    description: free text
+    kind: defense | attack            [defense] what the trials search: defense or attack parameters
+    dataset: cifar10 | cifar100 | gtsrb | synthetic[:n_train:n_test] | imagefolder:<path>  [cifar10]
+    data_root: folder of downloaded/ImageFolder data    [null = the loaders' default]
+    model: wrn-16-1 (any name of trainables.models)     [wrn-16-1]
+    seed: 0                            seed of attack stages, clean subsets, defenses and the sampler
+    clean_fraction: 0.05               the defenses' clean subset (fraction of the training set)
+    budget:
+      attack: {epochs: 100, lr: 0.1, ...}   the attack stage's SGDConfig fields   [the papers: 100 epochs, lr 0.1]
+      defense_epochs: null             pins every defense's ``epochs`` parameter (unless the preset
+                                       sets it for that defense itself)
+      epoch_eval_size: 2000            test images measured after every epoch (the final metrics
+                                       always use the whole test set)
+    attacks:                           a list of names, or name -> {params: {...}, dataset: ...,
+      badnets: {params: {poison_rate: 0.1}}          space: {...} (attack sweeps only)}
+    defenses:                          a list of names, or name -> {params: {...}, space: {...},
+      nba: {space: {lambda1: [0.5, 5], epochs: 10}}  num_samples: n}. narrow: [low, high] /
+      fp: {num_samples: 1}                           {low, high, default}; pin: a scalar;
+                                                      num_samples (default search.num_samples;
+                                                      1 = the paper default only)
+    search:
+      num_samples: 20                  trials per (attack, defense) pair, the paper default included
+      sampler: tpe | nsga2 | random    [tpe]
+      objectives: {asr: min, ba: max}  (attack sweeps e.g. {student_asr: max, student_ba: max})
+      max_concurrent: 0                trials at a time per pair (0: as many as resources allow)
+      early_stopping: {enabled: false, grace_period: 2, reduction_factor: 3}   ASHA on ba - asr
+      cross_check: true                evaluate each attack's best config on the other attacks
+    resources: {cpus: 1, gpus: 0, attack_cpus: null, attack_gpus: null}  per trial / attack stage
+    max_failures: 0                    Tune retries of a failed trial
+    paper_table: null                  a paper's table (sweep/paper_tables/<name>.yaml: nba_table2,
+                                       dlp_table3, cheatkd_table2) whose layout the report uses
+                                       and whose numbers it shows beside ours
+    selection: {rule: ba_within, ba_tolerance: 2.0, metric: null, mode: null, ba_metric: null}
+      rule ba_within: best ``metric`` (first objective) among fully trained configs whose
+      ``ba_metric`` is within ``ba_tolerance`` points of the best; best_metric: the best ``metric``
+      regardless of BA; max_der: highest DER.
+    ray: {num_cpus: null, num_gpus: null, object_store_mb: 512}   a LOCAL Ray's size
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sweep import schema
+from sweep.config import (DEFENSE_METRICS, KINDS, RULES, SAMPLERS, AttackEntry, DefenseEntry, EarlyStopping,
+                          RayConfig, Resources, SearchConfig, Selection, SweepConfig)
+from sweep.errors import ConfigError
+from sweep.spaces import Dist
+from sweep.validate import checked_params, method_class, resolve_space, typed
+from trainables.params import ParamError, freeze, plain
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"preset file not found: {p}")
+        return p
+    known = ", ".join(list_presets())
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name_or_path)):
+        raise ConfigError(f"unknown preset {str(name_or_path)!r}; known: {known}")
+    p = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"unknown preset {str(name_or_path)!r}; known: {known} (or give a path to a .yaml file)")
+    return p
+
+
+def load_preset(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    """Read, override, complete and validate a preset. Raises ``ConfigError`` naming the problem."""
+    path = preset_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read preset {path}: {e}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"preset {path}: expected a mapping of fields, got {type(raw).__name__}")
+    raw.pop("name", None)
+    schema.check_keys(raw, (), f"preset {path.name}")
+    raw = schema.normalise(raw)
+    for item in overrides:
+        raw = schema.normalise(schema.apply_override(raw, item))
+    return build_config(path.stem, str(path), schema.merge(schema.DEFAULTS, raw), tuple(overrides))
+
+
+def rebuild_config(name: str, stored: dict, overrides: tuple[str, ...] = (), source: str = "") -> SweepConfig:
+    """The config a sweep stored (``SweepConfig.to_dict()``), rebuilt and validated again."""
+    return build_config(name, source, schema.merge(schema.DEFAULTS, schema.normalise(stored)), tuple(overrides))
+
+
+def build_config(name: str, source: str, d: dict, overrides: tuple[str, ...]) -> SweepConfig:
+    """A complete preset mapping (defaults merged in) -> the validated ``SweepConfig``."""
+    kind = typed("kind", d["kind"], str, choices=KINDS)
+    dataset = typed("dataset", d["dataset"], str)
+    model = typed("model", d["model"], str)
+    seed = typed("seed", d["seed"], int, low=0)
+    clean_fraction = float(typed("clean_fraction", d["clean_fraction"], float, low=1e-6, high=1.0))
+    budget = d["budget"]
+    if not isinstance(budget.get("attack"), dict):
+        raise ConfigError(f"budget.attack: expected a mapping of training settings, got {budget.get('attack')!r}")
+    defense_epochs = typed("budget.defense_epochs", budget["defense_epochs"], int, low=0, optional=True)
+    from trainables.engine import SGDConfig
+
+    checked_params(SGDConfig, budget["attack"], "budget.attack: ")
+    search = _search(d["search"], kind)
+    selection = _selection(d["selection"], search, kind)
+    attacks = _attacks(d["attacks"], kind, dataset, model, budget["attack"], seed, search.num_samples)
+    defenses = _defenses(d["defenses"], kind, defense_epochs, clean_fraction, seed, search.num_samples)
+    return SweepConfig(
+        name=name, source=source, description=str(d.get("description") or ""), kind=kind, dataset=dataset,
+        data_root=typed("data_root", d["data_root"], str, optional=True), model=model, seed=seed,
+        clean_fraction=clean_fraction, attack_train=freeze(budget["attack"]), defense_epochs=defense_epochs,
+        epoch_eval_size=typed("budget.epoch_eval_size", budget["epoch_eval_size"], int, low=1),
+        attacks=attacks, defenses=defenses, search=search, resources=_resources(d["resources"]),
+        max_failures=typed("max_failures", d["max_failures"], int, low=-1),
+        paper_table=_paper_table(d["paper_table"], kind), selection=selection, ray=_ray(d["ray"]),
+        overrides=overrides, raw=json.dumps(d))
+
+
+def _search(s: dict, kind: str) -> SearchConfig:
+    objectives = s["objectives"]
+    if not isinstance(objectives, dict) or not objectives:
+        raise ConfigError(f"search.objectives: expected a mapping metric -> min|max, got {objectives!r}")
+    for metric, mode in objectives.items():
+        typed(f"search.objectives.{metric}", mode, str, choices=("min", "max"))
+        if kind == "defense" and metric not in DEFENSE_METRICS:
+            raise ConfigError(f"search.objectives: unknown metric {metric!r} for a defense sweep; "
+                              f"known: {', '.join(DEFENSE_METRICS)}")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", str(metric)):
+            raise ConfigError(f"search.objectives: {metric!r} is not a metric name")
+    es = s["early_stopping"]
+    if not isinstance(es, dict):
+        raise ConfigError(f"search.early_stopping: expected a mapping, got {es!r}")
+    early = EarlyStopping(
+        enabled=typed("search.early_stopping.enabled", es["enabled"], bool),
+        grace_period=typed("search.early_stopping.grace_period", es["grace_period"], int, low=1),
+        reduction_factor=float(typed("search.early_stopping.reduction_factor", es["reduction_factor"], float,
+                                     low=1.01)))
+    if early.enabled and kind == "attack":
+        raise ConfigError("search.early_stopping.enabled: attack trials report once, at the end; "
+                          "early stopping applies to defense sweeps only")
+    return SearchConfig(
+        num_samples=typed("search.num_samples", s["num_samples"], int, low=1),
+        sampler=typed("search.sampler", s["sampler"], str, choices=SAMPLERS),
+        objectives=tuple((str(m), str(v)) for m, v in objectives.items()),
+        max_concurrent=typed("search.max_concurrent", s["max_concurrent"], int, low=0),
+        cross_check=typed("search.cross_check", s["cross_check"], bool),
+        early_stopping=early)
+
+
+def _resources(r: dict) -> Resources:
+    cpus = float(typed("resources.cpus", r["cpus"], float, low=0.0))
+    gpus = float(typed("resources.gpus", r["gpus"], float, low=0.0))
+    a_cpus = typed("resources.attack_cpus", r["attack_cpus"], float, low=0.0, optional=True)
+    a_gpus = typed("resources.attack_gpus", r["attack_gpus"], float, low=0.0, optional=True)
+    if gpus > 1 and not gpus.is_integer():
+        raise ConfigError(f"resources.gpus={gpus}: a fraction of a GPU must be below 1")
+    if cpus == 0 and gpus == 0:
+        raise ConfigError("resources: a trial needs cpus > 0 or gpus > 0")
+    return Resources(cpus=cpus, gpus=gpus, attack_cpus=cpus if a_cpus is None else float(a_cpus),
+                     attack_gpus=gpus if a_gpus is None else float(a_gpus))
+
+
+def _selection(sel: dict, search: SearchConfig, kind: str) -> Selection:
+    first_metric, first_mode = search.objectives[0]
+    metric = typed("selection.metric", sel["metric"], str, optional=True) or first_metric
+    mode = typed("selection.mode", sel["mode"], str, optional=True, choices=("min", "max", None)) \
+        or dict(search.objectives).get(metric) or first_mode
+    ba_metric = typed("selection.ba_metric", sel["ba_metric"], str, optional=True) \
+        or next((m for m, _ in search.objectives if m == "ba" or m.endswith("_ba")), "ba")
+    selection = Selection(rule=typed("selection.rule", sel["rule"], str, choices=RULES),
+                          ba_tolerance=float(typed("selection.ba_tolerance", sel["ba_tolerance"], float,
+                                                   low=0.0, high=100.0)),
+                          metric=metric, mode=mode, ba_metric=ba_metric)
+    if selection.rule == "max_der" and kind == "attack":
+        raise ConfigError("selection.rule=max_der applies to defense sweeps only")
+    for m in (selection.metric, selection.ba_metric):
+        if kind == "defense" and m not in DEFENSE_METRICS:
+            raise ConfigError(f"selection: unknown metric {m!r}; known: {', '.join(DEFENSE_METRICS)}")
+    return selection
+
+
+def _ray(rc: dict) -> RayConfig:
+    return RayConfig(num_cpus=typed("ray.num_cpus", rc["num_cpus"], int, low=1, optional=True),
+                     num_gpus=typed("ray.num_gpus", rc["num_gpus"], int, low=0, optional=True),
+                     object_store_mb=typed("ray.object_store_mb", rc["object_store_mb"], int, low=80))
+
+
+def _paper_table(name: Any, kind: str) -> str | None:
+    from sweep.paper_tables import known_tables, load_table
+
+    name = typed("paper_table", name, str, optional=True)
+    if name is None:
+        return None
+    if name not in known_tables():
+        raise ConfigError(f"paper_table={name!r} is not one of {known_tables()}")
+    if load_table(name).kind != kind:
+        raise ConfigError(f"paper_table={name!r} is a table of {load_table(name).kind} results; "
+                          f"this is a {kind} sweep")
+    return name
+
+
+def _split_space(space: tuple[Dist, ...], params: dict) -> tuple[Dist, ...]:
+    """Pinned dimensions (a range of one value) join the fixed params; the rest stay searched."""
+    params.update({x.name: x.default for x in space if x.pinned})
+    return tuple(x for x in space if not x.pinned)
+
+
+def _first_trial(params: dict, space: tuple[Dist, ...]) -> dict:
+    return {**params, **{x.name: plain(x.default) for x in space}}
+
+
+def _attacks(entries: dict, kind: str, dataset: str, model: str, train: dict, seed: int,
+             num_samples: int) -> tuple[AttackEntry, ...]:
+    from trainables.stages import resolve_attack_stage
+
+    if not entries:
+        raise ConfigError("attacks: a sweep needs at least one attack (use 'none' for no attack)")
+    out = []
+    for name, entry in entries.items():
+        where = f"attacks.{name}"
+        cls = None if name == "none" else method_class("attacks", name, "attacks")
+        a_dataset = typed(f"{where}.dataset", entry.get("dataset") or dataset, str)
+        params = dict(entry["params"])
+        space: tuple[Dist, ...] = ()
+        if entry["space"] and kind != "attack":
+            raise ConfigError(f"{where}.space: attack parameters are searched in attack sweeps only "
+                              f"(kind: attack); pin them under {where}.params")
+        if kind == "attack":
+            if cls is None:
+                raise ConfigError("attacks.none: an attack sweep needs a real attack")
+            checked_params(cls.Params, params, f"{where}.params: ")
+            space = _split_space(resolve_space(name, cls, entry["space"], params, where), params)
+        if cls is not None:
+            checked_params(cls.Params, _first_trial(params, space), f"{where}.params: ")
+        try:
+            resolve_attack_stage(a_dataset, model, name, params or None, train, seed)
+        except (ParamError, ValueError) as e:
+            raise ConfigError(_stage_error_key(str(e), where, bool(entry.get("dataset")))) from None
+        n = typed(f"{where}.num_samples", entry.get("num_samples"), int, low=1, optional=True) or num_samples
+        out.append(AttackEntry(name, a_dataset, freeze(params), space, n if space else 1))
+    return tuple(out)
+
+
+def _stage_error_key(msg: str, where: str, own_dataset: bool) -> str:
+    """The preset key an attack-stage error is about (the model, the dataset, or the attack)."""
+    for prefix in ("dataset: ", "model: "):
+        msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+    if msg.startswith("unknown model"):
+        key = "model"
+    elif "dataset" in msg:
+        key = f"{where}.dataset" if own_dataset else "dataset"
+    else:
+        key = where
+    return f"{key}: {msg}"
+
+
+def _defenses(entries: dict, kind: str, defense_epochs: int | None, clean_fraction: float, seed: int,
+              num_samples: int) -> tuple[DefenseEntry, ...]:
+    from trainables.stages import resolve_defense
+
+    if kind == "defense" and not entries:
+        raise ConfigError("defenses: a defense sweep needs at least one defense")
+    if kind == "attack" and entries:
+        raise ConfigError("defenses: an attack sweep searches attack parameters; remove the defenses "
+                          "(or use kind: defense)")
+    out = []
+    for name, entry in entries.items():
+        where = f"defenses.{name}"
+        cls = method_class("defenses", name, "defenses")
+        params = dict(entry["params"])
+        narrowing = dict(entry["space"])
+        if (defense_epochs is not None and "epochs" in cls.Params.__dataclass_fields__
+                and "epochs" not in params and "epochs" not in narrowing):
+            # the budget fixes ``epochs`` like a preset param would: checked against the method's
+            # own bounds, not against the search range (a budget may be shorter than any search)
+            params["epochs"] = defense_epochs
+        checked_params(cls.Params, params, f"{where}.params: ")
+        space = _split_space(resolve_space(name, cls, narrowing, params, where), params)
+        checked_params(cls.Params, _first_trial(params, space), f"{where}.params: ")
+        try:
+            resolve_defense(name, _first_trial(params, space), clean_fraction, seed)
+        except (ParamError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        n = typed(f"{where}.num_samples", entry.get("num_samples"), int, low=1, optional=True) or num_samples
+        out.append(DefenseEntry(name, freeze(params), space, n if space else 1))
+    return tuple(out)

@@ -1,0 +1,61 @@
+"""Optuna inside Ray Tune: the searcher of every searched (attack, defense) pair.
+
+Each pair gets its own named study (``<sweep_id>:<attack>:<defense>``) in the work directory's
+journal file, both objectives, and the paper default as its first trial. Ray's ``OptunaSearch``
+tells Optuna that a trial a Tune scheduler stopped early COMPLETED, with its partial metrics: an
+undertrained model (low ASR, low BA) then looks Pareto-optimal and steers the sampler.
+``FullyTrainedOptunaSearch`` tells such trials PRUNED instead; only trials whose last report says
+``fully_trained`` reach the study as COMPLETE.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray.tune.search.optuna import OptunaSearch
+
+from sweep import compat
+from sweep.config import SweepConfig
+from sweep.plan import PairPlan
+from sweep.spaces import first_point, optuna_space
+
+
+class FullyTrainedOptunaSearch(OptunaSearch):
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if result and not error and not result.get("fully_trained") and compat.tell_optuna_pruned(self, trial_id):
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+
+def _sampler(cfg: SweepConfig, index: int, num_samples: int):
+    import optuna
+
+    seed = cfg.seed + index
+    if cfg.search.sampler == "nsga2":
+        # a population of ~1/4 of the budget gives NSGA-II a few generations to evolve
+        pop = max(4, min(50, num_samples // 4))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=pop)
+    if cfg.search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def journal(workdir: Path):
+    """The work directory's Optuna journal (``optuna-dashboard optuna.journal`` shows it)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = str(workdir / "optuna.journal")
+    # the open-lock works on network filesystems too (a cluster's shared workdir)
+    return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def make_searcher(cfg: SweepConfig, pair: PairPlan, study_name: str, workdir: Path, index: int):
+    """OptunaSearch on the pair's space: both objectives, the paper default first, a named study
+    in the workdir's journal; trials stopped early are told PRUNED."""
+    metrics = [m for m, _ in cfg.search.objectives]
+    modes = [d for _, d in cfg.search.objectives]
+    dists = {d.name: d for d in pair.space}
+    return FullyTrainedOptunaSearch(
+        space=optuna_space(dists), metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=[first_point(dists)],
+        sampler=_sampler(cfg, index, pair.num_samples), study_name=study_name, storage=journal(workdir))

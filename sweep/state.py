@@ -1,0 +1,116 @@
+"""``sweeps/<sweep_id>/sweep.json``: a sweep's state on disk, what ``--resume`` and ``report`` read.
+
+It holds the normalised config (and its hash), the overrides, the MLflow experiment and parent
+run, the status (running | finished | failed | killed), the phase of every Tuner
+(started | done | skipped) and the cross-check cases once chosen. Written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+from sweep.config import SweepConfig
+from sweep.errors import SweepError
+
+
+class SweepState:
+    def __init__(self, path: Path, data: dict):
+        self.path, self.data = path, data
+
+    @property
+    def sweep_id(self) -> str:
+        return self.data["sweep_id"]
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+    def phase(self, key: str) -> str | None:
+        return self.data["phases"].get(key)
+
+    def set_phase(self, key: str, status: str) -> None:
+        self.data["phases"][key] = status
+        self.save()
+
+    def config(self) -> SweepConfig:
+        """The sweep's config, rebuilt from the stored (normalised) preset."""
+        from sweep.preset import rebuild_config
+
+        return rebuild_config(self.data["preset"], self.data["config"], tuple(self.data.get("overrides", ())),
+                              source=str(self.dir / "config.yaml"))
+
+    # -- finding sweeps ---------------------------------------------------------------------
+    @classmethod
+    def create(cls, cfg: SweepConfig, workdir: Path) -> "SweepState":
+        base = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.config_hash()[:6]}"
+        sweep_id, n = base, 1
+        while (workdir / "sweeps" / sweep_id).exists():
+            n += 1
+            sweep_id = f"{base}-{n}"
+        d = workdir / "sweeps" / sweep_id
+        d.mkdir(parents=True)
+        state = cls(d / "sweep.json", {
+            "sweep_id": sweep_id, "preset": cfg.name, "config_hash": cfg.config_hash(),
+            "config": cfg.to_dict(), "overrides": list(cfg.overrides), "status": "running",
+            "created": time.time(), "phases": {}, "parent_run_id": None, "crosscheck_cases": {}})
+        state.save()
+        return state
+
+    @classmethod
+    def load(cls, path: Path) -> "SweepState":
+        return cls(path, json.loads(path.read_text()))
+
+    @classmethod
+    def all_in(cls, workdir: Path) -> Iterator["SweepState"]:
+        """Every readable sweep state under ``workdir/sweeps``."""
+        root = workdir / "sweeps"
+        for p in sorted(root.glob("*/sweep.json")) if root.is_dir() else []:
+            try:
+                yield cls.load(p)
+            except (OSError, ValueError):
+                continue
+
+    @classmethod
+    def to_resume(cls, workdir: Path, cfg: SweepConfig, resume: bool | str) -> "SweepState":
+        """The sweep ``--resume`` continues: the one ``resume`` names, or the newest unfinished
+        sweep of ``cfg`` (same preset and config hash)."""
+        root = workdir / "sweeps"
+        if isinstance(resume, str):
+            p = root / resume / "sweep.json"
+            if not p.is_file():
+                raise SweepError(f"no sweep {resume!r} in {root}")
+            state = cls.load(p)
+            if state.data["config_hash"] != cfg.config_hash():
+                raise SweepError(f"sweep {resume} was started with another configuration "
+                                 f"(hash {state.data['config_hash']}, now {cfg.config_hash()}); resume it "
+                                 f"with the same preset and --set overrides: {' '.join(state.data['overrides'])}")
+            return state
+        candidates = [s for s in cls.all_in(workdir) if s.data.get("status") != "finished"
+                      and s.data.get("preset") == cfg.name and s.data.get("config_hash") == cfg.config_hash()]
+        if not candidates:
+            raise SweepError(f"nothing to resume: no unfinished sweep of preset {cfg.name} with this "
+                             f"configuration (hash {cfg.config_hash()}) in {root}; run without --resume")
+        return max(candidates, key=lambda s: s.data["created"])
+
+    @classmethod
+    def named(cls, sweep_id_or_preset: str, workdir: Path) -> "SweepState":
+        """A sweep by its id, or a preset's newest sweep (finished ones first)."""
+        root = workdir / "sweeps"
+        direct = root / sweep_id_or_preset / "sweep.json"
+        if direct.is_file():
+            return cls.load(direct)
+        states = list(cls.all_in(workdir))
+        mine = [s for s in states if s.data.get("preset") == sweep_id_or_preset]
+        if not mine:
+            known = sorted(s.sweep_id for s in states)
+            raise SweepError(f"no sweep or preset {sweep_id_or_preset!r} in {root}"
+                             + (f"; sweeps there: {', '.join(known)}" if known else ""))
+        return max(mine, key=lambda s: (s.data.get("status") == "finished", s.data["created"]))

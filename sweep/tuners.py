@@ -1,0 +1,105 @@
+"""One Ray Tune ``Tuner``: fit it (or restore it if a previous driver started it), then reconcile
+its MLflow runs with Tune's final state so that nothing stays RUNNING.
+
+A Tuner runs a ``TrialJob``: its fixed cases (a grid over their indices) or its searcher's
+proposals. Its Ray Tune experiment lives in ``sweeps/<id>/ray/<key>`` and its phase in the
+sweep's state (started, then done), which is what ``--resume`` reads.
+"""
+from __future__ import annotations
+
+from sweep import compat
+from sweep.callbacks import fail_trial_run, finish_trial_run, loggable
+from sweep.context import SweepContext
+from trainables.job import CASE_KEY, TrialJob
+
+
+def _trainable(ctx: SweepContext, job: TrialJob):
+    from ray import tune
+
+    from trainables.tune_trainable import attack_trial, defense_trial
+
+    fn = defense_trial if job.role == "defense" else attack_trial
+    return tune.with_resources(tune.with_parameters(fn, job=job),
+                               {"cpu": ctx.cfg.resources.cpus, "gpu": ctx.cfg.resources.gpus})
+
+
+def _new_tuner(ctx: SweepContext, key: str, job: TrialJob, searcher, num_samples: int):
+    from ray import tune
+
+    cfg = ctx.cfg
+    scheduler = None
+    if cfg.search.early_stopping.enabled:
+        from ray.tune.schedulers import ASHAScheduler
+
+        es = cfg.search.early_stopping
+        scheduler = ASHAScheduler(metric="score", mode="max", grace_period=es.grace_period,
+                                  reduction_factor=es.reduction_factor, max_t=100_000)
+    if job.cases:
+        param_space, num_samples = {CASE_KEY: tune.grid_search(list(range(len(job.cases))))}, 1
+    else:
+        param_space = {}
+    tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                  max_concurrent_trials=cfg.search.max_concurrent or None, reuse_actors=False)
+    run_config = tune.RunConfig(name=key, storage_path=str(ctx.state.dir / "ray"),
+                                callbacks=[ctx.trial_logger(job, key, **_tags(job))],
+                                failure_config=tune.FailureConfig(max_failures=cfg.max_failures, fail_fast=False),
+                                verbose=1)
+    return tune.Tuner(_trainable(ctx, job), param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _tags(job: TrialJob) -> dict:
+    """Tags a Tuner's runs share: the defense, where all its trials run one."""
+    defenses = {c.defense for c in job.cases} | ({job.searched.defense} if job.searched else set())
+    return {"defense": defenses.pop() or "none"} if len(defenses) == 1 else {}
+
+
+def run_tuner(ctx: SweepContext, key: str, job: TrialJob, searcher=None, num_samples: int = 1):
+    """Fit the Tuner ``key`` (restoring it if an earlier driver started it); then reconcile."""
+    from ray import tune
+
+    state, exp_dir = ctx.state, ctx.state.dir / "ray" / key
+    if state.phase(key) == "started" and tune.Tuner.can_restore(str(exp_dir)):
+        ctx.progress(f"[{key}] resuming the interrupted Tuner from {exp_dir}")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(ctx, job), resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        if state.phase(key) == "started":
+            ctx.progress(f"[{key}] the interrupted Tuner saved no state yet: starting it again")
+            ctx.tracker.close_open_runs(state.sweep_id, "KILLED", pair=key)
+        tuner = _new_tuner(ctx, key, job, searcher, num_samples)
+        state.set_phase(key, "started")
+    grid = tuner.fit()
+    if reconcile(ctx, key, grid):
+        # Tune returns normally when interrupted (Ctrl-C): stop the sweep, resumable
+        raise KeyboardInterrupt(f"[{key}] interrupted; continue with --resume")
+    state.set_phase(key, "done")
+    return grid
+
+
+def can_restore(ctx: SweepContext, key: str) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(ctx.state.dir / "ray" / key))
+
+
+def reconcile(ctx: SweepContext, key: str, grid) -> int:
+    """Every run of the Tuner's trials closed to match Tune's final state: a crashed driver's
+    trial that finished unseen gets FINISHED and its final metrics, one that errored FAILED; runs
+    of trials that did not finish (an interrupted Tuner) or that Tune no longer knows are KILLED.
+    Returns the number of unfinished trials."""
+    tracker = ctx.tracker
+    by_trial = compat.tune_trial_states(grid)
+    unfinished = sum(1 for status, _ in by_trial.values() if status not in ("TERMINATED", "ERROR"))
+    for run in tracker.runs(ctx.state.sweep_id, pair=key):
+        if run.info.status != "RUNNING":
+            continue
+        status, last = by_trial.get(run.data.tags.get("ray_trial_id"), (None, {}))
+        if status == "ERROR":
+            fail_trial_run(tracker, run.info.run_id, "trial failed (see its Ray Tune trial directory)")
+        elif status == "TERMINATED":
+            if last.get("final"):
+                tracker.log_metrics(run.info.run_id, loggable(last), step=int(last.get("step", 0) or 0))
+            finish_trial_run(tracker, run.info.run_id, last)
+        else:
+            tracker.end(run.info.run_id, "KILLED")
+    return unfinished

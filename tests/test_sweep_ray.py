@@ -1,0 +1,266 @@
+"""The sweep end to end with real Ray (local, loopback) and real MLflow (SQLite in tmp):
+
+* a reduced quickstart sweep in-process: one attack stage, NBA trials (one made to fail by a
+  test plugin's trial hook) and FT's paper-default trial; every run, tag, metric, artifact and
+  report file;
+* a driver SIGKILLed mid-sweep (10 trials over one attack; a test plugin pauses the 4th trial so
+  the kill lands with two trials done and two running) and resumed: no RUNNING and no duplicate
+  runs, 10 trials, and the attack stage trained exactly once across both drivers, with a stale
+  ``ray_current_cluster`` file in Ray's temp dir that must not be joined.
+"""
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # loopback only, before ray loads
+
+import psutil
+import pytest
+import yaml
+
+from sweep.preset import load_preset
+from sweep.tracking import TAG_KEYS
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+# the quickstart preset cut to seconds: a small synthetic set, one attack, 1-epoch defenses
+TINY = ["dataset=synthetic:400:200", "attacks=[badnets]", "budget.attack={epochs: 2, batch_size: 64}",
+        "budget.defense_epochs=1", "budget.epoch_eval_size=100", "clean_fraction=0.1",
+        "defenses.nba.params={teacher_epochs: 1, pgd_steps: 1}", "ray.num_cpus=2", "ray.object_store_mb=100"]
+
+
+def _use_plugin(monkeypatch, module):
+    """Configure a test plugin for this process and the local Ray it starts."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("SWEEP_PLUGINS", module)
+
+
+def _client(workdir):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+
+
+def _all_runs(workdir):
+    c = _client(workdir)
+    exps = [e.experiment_id for e in c.search_experiments()]
+    return c, c.search_runs(exps, max_results=5000)
+
+
+def _png(path):
+    return Path(path).is_file() and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ============================================================================ a reduced quickstart
+
+def test_reduced_quickstart_sweep_tracks_everything_and_a_failing_trial_fails_alone(tmp_path, monkeypatch):
+    from sweep.report import make_report
+    from sweep.runner import run_sweep
+
+    # NBA searches lr in [0.05, 0.1] (paper default 0.1 first); a test plugin's trial hook makes
+    # the first trial with lr < 0.1 raise
+    _use_plugin(monkeypatch, "sweep_fail_low_lr_once")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_preset("quickstart", TINY + ["search.num_samples=3", "defenses.nba.space.lr=[0.05, 0.1]",
+                                            "defenses.ft.num_samples=1", "search.max_concurrent=2"])
+    res = run_sweep(cfg, workdir=tmp_path, progress=lambda m: None)
+    assert res.status == "FINISHED"
+    report = make_report(res.sweep_id, workdir=tmp_path, progress=lambda m: None)
+    assert res.trials == {"FINISHED": 3, "FAILED": 1}         # 3 NBA (one failed) + FT's default trial
+    assert len(res.trained_stages) == 1
+
+    c, runs = _all_runs(tmp_path)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    by_role = {role: [r for r in runs if r.data.tags["role"] == role] for role in ("sweep", "attack", "defense")}
+    (parent,) = by_role["sweep"]
+    (attack_run,) = by_role["attack"]
+    trials = by_role["defense"]
+    assert parent.info.status == "FINISHED" and parent.info.run_id == res.parent_run_id
+    assert c.get_experiment(parent.info.experiment_id).name == "quickstart"       # one experiment per preset
+    for r in runs:                                  # DESIGN's tags on every run
+        tags = r.data.tags
+        assert set(TAG_KEYS) <= set(tags)
+        assert tags["sweep_id"] == res.sweep_id and tags["preset"] == "quickstart"
+        assert tags["dataset"] == "synthetic:400:200" and tags["model"] == "wrn-16-1" and tags["seed"] == "0"
+        assert tags["code_version"]
+        if r is not parent:
+            assert tags["mlflow.parentRunId"] == parent.info.run_id
+    # the attack stage: its own child run with metrics and sample images
+    assert attack_run.info.status == "FINISHED" and attack_run.data.tags["cached"] == "false"
+    assert {"ba", "asr", "ra", "train_seconds", "images_per_second"} <= set(attack_run.data.metrics)
+    assert any(a.path == "samples.png" for a in c.list_artifacts(attack_run.info.run_id))
+    # the trials: tags, flattened params, per-epoch and final metrics, the model artifact
+    assert sorted(r.data.tags["defense"] for r in trials) == ["ft", "nba", "nba", "nba"]
+    failed = [r for r in trials if r.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.tags["defense"] == "nba"
+    assert float(failed[0].data.params["lr"]) < 0.1 and "injected failure" in failed[0].data.tags["error"]
+    assert failed[0].data.tags["fully_trained"] == "false"
+    for r in trials:
+        assert r.data.tags["attack"] == "badnets" and r.data.tags["attack_hash"] == attack_run.data.tags["attack_hash"]
+        assert r.data.tags["ray_trial_id"]
+        if r.info.status != "FINISHED":
+            continue
+        assert r.data.tags["fully_trained"] == "true"
+        assert {"ba", "asr", "ra", "der", "train_seconds", "images_per_second"} <= set(r.data.metrics)
+        assert "epochs" in r.data.params and "lr" in r.data.params
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "ba")]
+        assert len(steps) >= 2 and min(steps) >= 1          # per epoch (step = epoch), then final
+        assert {a.path for a in c.list_artifacts(r.info.run_id, "model")} >= {"model/model.pt", "model/spec.json"}
+    nba_ok = [r for r in trials if r.data.tags["defense"] == "nba" and r.info.status == "FINISHED"]
+    assert sorted(float(r.data.params["lr"]) for r in nba_ok)[-1] == 0.1          # the paper default ran
+    assert all(r.data.params["lambda1"] for r in nba_ok)
+
+    # Optuna: a study named by the sweep, in the workdir's journal, the default trial first
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    study = optuna.load_study(study_name=f"{res.sweep_id}:badnets:nba", storage=storage)
+    assert [t.state.name for t in study.trials].count("COMPLETE") == 2
+    assert [t.state.name for t in study.trials].count("FAIL") == 1
+    assert study.trials[0].params["lr"] == 0.1 and study.trials[0].params["lambda1"] == 2.0
+
+    # selection and report
+    rep = report.dir
+    best = yaml.safe_load((rep / "best_configs.yaml").read_text())
+    nba_best = best["defenses"]["nba"]["per_attack"]["badnets"]
+    assert nba_best["best"]["run_id"] in {r.info.run_id for r in nba_ok}
+    assert nba_best["paper_default"]["params"]["lr"] == 0.1 and nba_best["paper_default"]["params"]["lambda1"] == 2.0
+    assert nba_best["n_candidates"] == 2
+    assert best["defenses"]["ft"]["per_attack"]["badnets"]["paper_default"]["params"]["epochs"] == 1
+    md = (rep / "report.md").read_text()
+    assert "NBA Table 2" in md and "(1.16 / 81.59)" in md and "(6.46 / 79.91)" in md   # paper numbers beside ours
+    assert _png(rep / "pareto_nba.png") and _png(rep / "curves_nba.png")
+    assert (rep / "results_long.csv").is_file()
+    logged = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/best_configs.yaml", "report/report.md", "report/pareto_nba.png"} <= logged
+
+    # the on-demand report finds the sweep by its preset name and writes the same selection
+    again = make_report("quickstart", workdir=tmp_path, progress=lambda m: None)
+    assert again.best_configs == best
+    assert "MLFLOW_TRACKING_URI" not in os.environ      # reading runs leaves no global state behind
+
+
+# ============================================================================ kill and resume
+
+DRIVER = """
+import json, sys
+from sweep.preset import load_preset
+from sweep.runner import run_sweep
+cfg = load_preset("quickstart", json.loads(sys.argv[2]))
+res = run_sweep(cfg, workdir=sys.argv[1], resume=sys.argv[3] == "resume", progress=print)
+print("RESULT " + json.dumps({"status": res.status, "trained": res.trained_stages, "trials": res.trials}))
+"""
+
+
+def _wait_for_pause(fifo: Path, driver) -> bool:
+    """True once the plugin writes to the FIFO; False if the driver ends first."""
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while driver.poll() is None:
+            ready, _, _ = select.select([fd], [], [], 1.0)   # wake up now and then to see the driver alive
+            if ready and os.read(fd, 64):
+                return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def _kill_all(procs) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _driver(workdir, overrides, mode, env, log):
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(workdir), json.dumps(overrides), mode],
+                            cwd=ROOT, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def test_killed_driver_resumes_without_duplicates_and_trains_the_attack_once(tmp_path, monkeypatch):
+    from sweep.runner import run_sweep
+
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    fifo = workdir / "trial-paused.fifo"
+    os.mkfifo(fifo)
+    # a short Ray temp dir (socket paths) holding a stale ray_current_cluster of a dead cluster:
+    # both drivers must start their own local Ray instead of trying to join it
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
+    env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               SWEEP_PLUGINS="sweep_pause_fourth_trial",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
+    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(var, None)
+    overrides = TINY + ["defenses.ft=null", "search.num_samples=10", "search.max_concurrent=2"]
+    log = tmp_path / "driver.log"
+
+    # the plugin pauses the 4th trial (two done, two running) and says so through the FIFO
+    first = _driver(workdir, overrides, "new", env, log)
+    family = []
+    try:
+        assert _wait_for_pause(fifo, first), "the driver ended before a trial paused:\n" + log.read_text()[-3000:]
+        family = psutil.Process(first.pid).children(recursive=True)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        # the killed driver's Ray processes must not outlive the test
+        _kill_all(family)
+    cache_entries = [p for p in (workdir / "cache").iterdir() if not p.name.startswith(".")]
+    assert len(cache_entries) == 1, cache_entries
+    manifest_time = (cache_entries[0] / "manifest.json").stat().st_mtime_ns
+    c, runs = _all_runs(workdir)
+    left_open = [r.data.tags["role"] for r in runs if r.info.status == "RUNNING"]
+    assert "sweep" in left_open and "defense" in left_open, left_open     # the crash left runs open
+
+    # resume (here, in-process) with the same stale cluster file in Ray's temp dir
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("SWEEP_PLUGINS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    said = []
+    res = run_sweep(load_preset("quickstart", overrides), workdir=workdir, resume=True, progress=said.append)
+    assert res.status == "FINISHED", said
+    assert any("resuming the interrupted Tuner" in m for m in said), said
+    assert res.trained_stages == []                       # the resumed driver trained no attack stage
+
+    c, runs = _all_runs(workdir)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    trials = [r for r in runs if r.data.tags["role"] == "defense"]
+    attack_runs = [r for r in runs if r.data.tags["role"] == "attack"]
+    ids = [r.data.tags["ray_trial_id"] for r in trials]
+    assert len(trials) == 10 and len(set(ids)) == 10, ids      # no duplicate run for a restored trial
+    assert all(r.info.status == "FINISHED" and r.data.tags["fully_trained"] == "true" for r in trials)
+    # one attack stage, trained once: one cache entry, untouched by the resume, one attack run
+    assert [p for p in (workdir / "cache").iterdir() if not p.name.startswith(".")] == cache_entries
+    assert (cache_entries[0] / "manifest.json").stat().st_mtime_ns == manifest_time
+    assert len(attack_runs) == 1 and attack_runs[0].info.status == "FINISHED"
+    assert attack_runs[0].data.tags["cached"] == "false"
+    assert {r.data.tags["attack_hash"] for r in trials} == {cache_entries[0].name}
+    (parent,) = [r for r in runs if r.data.tags["role"] == "sweep"]
+    assert parent.info.status == "FINISHED" and parent.info.run_id == res.parent_run_id
+    state = json.loads(next((workdir / "sweeps").glob("*/sweep.json")).read_text())
+    assert state["status"] == "finished" and state["phases"]["badnets__nba"] == "done"
+    # the study holds the 10 trials, every one COMPLETE (restored trials told once)
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name=f"{res.sweep_id}:badnets:nba",
+                              storage=JournalStorage(JournalFileBackend(str(workdir / "optuna.journal"))))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 10
