@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The CPU-budget CIFAR-10 measurements behind the issue notes (attack table, NBA Table 2 layout,
+# The CPU-budget CIFAR-10 measurements recorded in docs/measurements.md and the issue notes (attack table, NBA Table 2 layout,
 # DLP/ABL). Resumable: attack stages come from the cache, finished defense runs are skipped.
 # Usage: experiments/cpu_tables.sh [OUTDIR] [PART...]   parts: attacks defenses training training-variants others kd table2 variants variants2 variants3 variants4
 # (ATK_BUDGET: 4 epochs are enough for Blend, ASR 100%, not for BadNets, ASR 8%: see "table2")
 set -uo pipefail
 OUT=${1:-runs/cpu}; shift || true
 PARTS=${*:-attacks defenses training others}
-DATA=${SWEEP_CIFAR:-imagefolder:../shared/data/cifar10-jpeg}
+DATA=${SWEEP_CIFAR:?set SWEEP_CIFAR=imagefolder:<path to a CIFAR-10 ImageFolder copy>}
 ATK_BUDGET=${ATK_BUDGET:-"--set train.epochs=4"}
 CACHE=$OUT/cache
 mkdir -p "$OUT"

@@ -1,4 +1,4 @@
-"""Does a teacher's backdoor reach a student distilled from it on clean data? (CheatKD, papers/003)
+"""Does a teacher's backdoor reach a student distilled from it on clean data? (CheatKD: Chen et al., Computer Science 51(3), 2024)
 
 CheatKD's attack stage distils its own student (``Attack.post_train``); this script distils a
 student from any other cached attack-stage artifact (BadNets, Blend, ...) with exactly the same

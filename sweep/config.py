@@ -17,7 +17,7 @@ from sweep.spaces import Dist
 from trainables.params import thaw
 
 SAMPLERS = ("tpe", "nsga2", "random")
-RULES = ("ba_within", "best_metric", "max_der")
+RULES = ("bound", "ba_within", "best_metric", "max_der")
 DEFENSE_METRICS = ("asr", "ba", "ra", "der")
 KINDS = ("defense", "attack")
 
@@ -83,7 +83,8 @@ class Resources:
 @dataclass(frozen=True)
 class Selection:
     rule: str
-    ba_tolerance: float        # percentage points
+    bound: float               # percent: the metric's bound under rule "bound" (ASR <= 10 by default)
+    ba_tolerance: float        # percentage points (rule "ba_within")
     metric: str                # the metric the rule optimises (first objective by default)
     mode: str                  # its direction
     ba_metric: str             # the accuracy that must stay near its best

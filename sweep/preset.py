@@ -42,10 +42,12 @@ Preset fields (defaults in brackets; ``sweep.schema.DEFAULTS``)::
     paper_table: null                  a paper's table (sweep/paper_tables/<name>.yaml: nba_table2,
                                        dlp_table3, cheatkd_table2) whose layout the report uses
                                        and whose numbers it shows beside ours
-    selection: {rule: ba_within, ba_tolerance: 2.0, metric: null, mode: null, ba_metric: null}
-      rule ba_within: best ``metric`` (first objective) among fully trained configs whose
-      ``ba_metric`` is within ``ba_tolerance`` points of the best; best_metric: the best ``metric``
-      regardless of BA; max_der: highest DER.
+    selection: {rule: bound, bound: 10.0, ba_tolerance: 2.0, metric: null, mode: null, ba_metric: null}
+      rule bound: the highest ``ba_metric`` among fully trained configs whose ``metric`` (first
+      objective) meets ``bound`` % (at most it for a metric to minimise, at least it for one to
+      maximise), else the best ``metric``; ba_within: best ``metric`` among configs whose
+      ``ba_metric`` is within ``ba_tolerance`` points of the best; best_metric: the best
+      ``metric`` regardless of BA; max_der: highest DER.
     ray: {num_cpus: null, num_gpus: null, object_store_mb: 512}   a LOCAL Ray's size
 """
 from __future__ import annotations
@@ -191,6 +193,7 @@ def _selection(sel: dict, search: SearchConfig, kind: str) -> Selection:
     ba_metric = typed("selection.ba_metric", sel["ba_metric"], str, optional=True) \
         or next((m for m, _ in search.objectives if m == "ba" or m.endswith("_ba")), "ba")
     selection = Selection(rule=typed("selection.rule", sel["rule"], str, choices=RULES),
+                          bound=float(typed("selection.bound", sel["bound"], float, low=0.0, high=100.0)),
                           ba_tolerance=float(typed("selection.ba_tolerance", sel["ba_tolerance"], float,
                                                    low=0.0, high=100.0)),
                           metric=metric, mode=mode, ba_metric=ba_metric)

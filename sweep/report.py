@@ -2,7 +2,7 @@
 report``: the runs read back from MLflow -> ``best_configs.yaml`` (with MLflow run ids),
 Markdown + CSV tables in the layout of the preset's paper table with the paper's numbers beside
 ours, Pareto and learning-curve plots; all in ``sweeps/<id>/report/`` and logged to the sweep's
-parent run."""
+parent run. The selected defended models go to the MLflow Model Registry (``model_registry``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,6 +11,7 @@ from typing import Callable
 
 import yaml
 
+from sweep.model_registry import register_best
 from sweep.plots import plot_curves, plot_pareto
 from sweep.selection import build_best_configs, describe_rule, load_runs, report_metrics
 from sweep.state import SweepState
@@ -57,6 +58,8 @@ def make_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tra
     out = state.dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     best = build_best_configs(cfg, state.sweep_id, runs)
+    if cfg.kind == "defense":
+        best["registered_models"] = register_best(tracker, cfg, state.sweep_id, best, progress)
     files = [out / "best_configs.yaml"]
     (out / "best_configs.yaml").write_text(yaml.safe_dump(best, sort_keys=False, width=110))
     md, tables = tables_markdown(cfg, runs, best)

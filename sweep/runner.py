@@ -112,12 +112,22 @@ def _open(cfg: SweepConfig, workdir: Path, tracking_uri: str | None, resume: boo
         "mlflow.note.content": cfg.description}, params=_sweep_params(cfg))
     state.data["parent_run_id"] = parent
     state.save()
+    searched = sorted({d.name for e in cfg.searched_entries for d in e.space})
+    view = tracker.set_comparison_view("backdoor-sweep", searched)
+    progress(f"compare the runs in the MLflow UI: {_ui_hint(uri)}{view}")
     cfg_file = state.dir / "config.yaml"
     cfg_file.write_text(format_config(cfg))
     tracker.log_artifacts(parent, [cfg_file])
     progress(f"sweep {state.sweep_id}: {len(plan.stages)} attack stage(s), {len(plan.pairs)} Tuner(s), "
              f"{plan.num_trials} trial(s); MLflow {uri} (experiment {experiment}, run {parent})")
     return ctx
+
+
+def _ui_hint(uri: str) -> str:
+    """Where the UI of tracking store ``uri`` is: the server itself, or ``mlflow ui`` on SQLite."""
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/") + "/"
+    return f"`python -m mlflow ui --backend-store-uri {uri} --host 127.0.0.1`, then http://127.0.0.1:5000/"
 
 
 def _finish(ctx: SweepContext, status: str, result: SweepResult) -> None:

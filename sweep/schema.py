@@ -29,7 +29,8 @@ DEFAULTS: dict[str, Any] = {
     "resources": {"cpus": 1, "gpus": 0, "attack_cpus": None, "attack_gpus": None},
     "max_failures": 0,
     "paper_table": None,
-    "selection": {"rule": "ba_within", "ba_tolerance": 2.0, "metric": None, "mode": None, "ba_metric": None},
+    "selection": {"rule": "bound", "bound": 10.0, "ba_tolerance": 2.0, "metric": None, "mode": None,
+                  "ba_metric": None},
     "ray": {"num_cpus": None, "num_gpus": None, "object_store_mb": 512},
 }
 

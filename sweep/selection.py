@@ -4,13 +4,17 @@ per attack and across attacks. No Ray: the report and the runner's cross-check p
 * Candidates: trial runs that FINISHED with ``fully_trained=true`` and finite objectives. Trials a
   scheduler stopped early, failed or killed trials never are.
 * Pareto front of the objectives (default: ASR min, BA max) per (attack, defense).
-* Best configuration per (attack, defense), by the preset's rule (default ``ba_within``: the
-  lowest ASR among candidates whose BA is within ``ba_tolerance`` points of the best candidate
-  BA; ties go to the higher BA).
-* Best configuration across attacks, per defense: among configurations measured on EVERY attack
-  (the cross-check phase makes sure each attack's best is), those whose BA is within the
-  tolerance of each attack's best BA; of these the lowest worst-case (maximum over attacks) ASR.
-  If none keeps BA on every attack, the lowest worst-case ASR of all, with a note saying so.
+* Best configuration per (attack, defense), by the preset's rule. The default, ``bound``, puts a
+  defense's first duty first: among candidates whose ASR is at most ``bound`` % (default 10),
+  the highest BA; if none removes the backdoor that far, the lowest ASR. (``ba_within``, the
+  lowest ASR among candidates within ``ba_tolerance`` BA points of the best BA, rewards configs
+  that leave the model alone: the most accurate model is often the untouched backdoored one.)
+  Every choice comes with the reason it won, written to ``best_configs.yaml`` and the report.
+* Best configuration across attacks, per defense, among configurations measured on EVERY attack
+  (the cross-check phase makes sure each attack's best is): under ``bound``, of those whose
+  worst-case ASR meets the bound, the highest mean BA; under ``ba_within``, of those whose BA is
+  within the tolerance of each attack's best, the lowest worst-case ASR. If none qualifies, the
+  lowest worst-case ASR of all, with a note saying so.
 """
 from __future__ import annotations
 
@@ -82,29 +86,64 @@ def pareto_front(df, objectives: tuple[tuple[str, str], ...]):
     return front.sort_values(metrics[0], ascending=signs[0] > 0)
 
 
-def select_best(df, selection) -> Any:
-    """The row the selection rule picks among ``df``'s candidates, or None."""
+def _meets(value: float, selection) -> bool:
+    """Whether ``value`` of the selection metric meets the rule's bound (at or below it for a
+    metric to minimise, at or above for one to maximise)."""
+    b = selection.bound / 100.0
+    return value <= b + 1e-12 if selection.mode == "min" else value >= b - 1e-12
+
+
+def _pct(v: float) -> str:
+    return f"{100 * float(v):.2f}%"
+
+
+def choose(df, selection) -> tuple[Any, str]:
+    """The row the selection rule picks among ``df``'s candidates (or None) and why it won."""
     metric, mode, ba = selection.metric, selection.mode, selection.ba_metric
     rule = selection.rule
-    needed = [metric] + ([ba] if rule == "ba_within" else []) + (["der"] if rule == "max_der" else [])
+    needed = [metric] + ([ba] if rule in ("ba_within", "bound") else []) + (["der"] if rule == "max_der" else [])
     rows = finite_rows(df, needed)
     if rows.empty:
-        return None
+        return None, "no fully trained candidate"
+    n = len(rows)
+    ascending = mode == "min"
+    if rule == "bound":
+        ok = rows[[_meets(v, selection) for v in rows[metric].astype(float)]]
+        if not ok.empty:
+            row = ok.sort_values([ba, metric, "start_time"], ascending=[False, ascending, True]).iloc[0]
+            return row, (f"{metric} {_pct(row[metric])} meets the bound ({'≤' if ascending else '≥'} "
+                         f"{selection.bound:g}%) and its {ba} {_pct(row[ba])} is the highest of the {len(ok)} "
+                         f"of {n} candidates that do")
+        row = rows.sort_values([metric, ba, "start_time"], ascending=[ascending, False, True]).iloc[0]
+        return row, (f"no candidate of {n} reaches {metric} {'≤' if ascending else '≥'} {selection.bound:g}%; "
+                     f"{'lowest' if ascending else 'highest'} {metric}: {_pct(row[metric])} ({ba} {_pct(row[ba])})")
     if rule == "max_der":
-        key, ascending = "der", False
-    else:
-        key, ascending = metric, mode == "min"
+        row = rows.sort_values(["der", "start_time"], ascending=[False, True]).iloc[0]
+        return row, f"highest DER ({float(row['der']):.3f}) of {n} candidates"
     if rule == "ba_within":
         best_ba = rows[ba].max()
         rows = rows[rows[ba] >= best_ba - selection.ba_tolerance / 100.0 - 1e-12]
-    order = [key] + ([ba] if ba in rows and ba != key else []) + ["start_time"]
-    asc = [ascending] + ([False] if ba in rows and ba != key else []) + [True]
-    return rows.sort_values(order, ascending=asc).iloc[0]
+    order = [metric] + ([ba] if ba in rows and ba != metric else []) + ["start_time"]
+    asc = [ascending] + ([False] if ba in rows and ba != metric else []) + [True]
+    row = rows.sort_values(order, ascending=asc).iloc[0]
+    word = "lowest" if ascending else "highest"
+    if rule == "ba_within":
+        return row, (f"{word} {metric} ({_pct(row[metric])}) of the {len(rows)} of {n} candidates whose {ba} is "
+                     f"within {selection.ba_tolerance:g} points of the best ({_pct(best_ba)})")
+    return row, f"{word} {metric} ({_pct(row[metric])}) of {n} candidates"
+
+
+def select_best(df, selection) -> Any:
+    """The row the selection rule picks among ``df``'s candidates, or None."""
+    return choose(df, selection)[0]
 
 
 def describe_rule(selection) -> str:
     m, mode, ba, tol = selection.metric, selection.mode, selection.ba_metric, selection.ba_tolerance
     word = "lowest" if mode == "min" else "highest"
+    if selection.rule == "bound":
+        return (f"highest {ba} among fully trained configs whose {m} is {'at most' if mode == 'min' else 'at least'} "
+                f"{selection.bound:g}% (a defense must first remove the backdoor); if none is, the {word} {m}")
     if selection.rule == "ba_within":
         return (f"{word} {m} among fully trained configs whose {ba} is within {tol:g} points of the best "
                 f"{ba} (ties: higher {ba})")
@@ -140,18 +179,31 @@ def best_across_attacks(df, attacks: list[str], selection) -> dict | None:
     if not options:
         return {"note": f"no configuration was measured on all {len(attacks)} attacks "
                         "(enable search.cross_check)"}
-    pool = [o for o in options if o[2]]
-    note = None
-    if not pool:
-        pool = options
-        note = f"no configuration keeps {ba} within {tol:g} points of the best on every attack"
     sign = 1 if mode == "min" else -1
-    ckey, worst, keeps_ba, mean_ba, per = min(pool, key=lambda o: (sign * o[1], -o[3]))
+    note = None
+    word = "lowest" if mode == "min" else "highest"
+    if selection.rule == "bound":
+        pool = [o for o in options if _meets(o[1], selection)]
+        if pool:       # every attack's backdoor removed: the highest mean BA wins
+            ckey, worst, keeps_ba, mean_ba, per = max(pool, key=lambda o: (o[3], -sign * o[1]))
+            why = (f"worst-case {metric} {_pct(worst)} meets the bound on all {len(attacks)} attacks; highest "
+                   f"mean {ba} ({_pct(mean_ba)}) of the {len(pool)} configs that do")
+        else:
+            note = f"no configuration reaches {metric} {'≤' if mode == 'min' else '≥'} {selection.bound:g}% on every attack"
+            ckey, worst, keeps_ba, mean_ba, per = min(options, key=lambda o: (sign * o[1], -o[3]))
+            why = f"{note}; {word} worst-case {metric}: {_pct(worst)}"
+    else:
+        pool = [o for o in options if o[2]]
+        if not pool:
+            pool = options
+            note = f"no configuration keeps {ba} within {tol:g} points of the best on every attack"
+        ckey, worst, keeps_ba, mean_ba, per = min(pool, key=lambda o: (sign * o[1], -o[3]))
+        why = f"{word} worst-case {metric} ({_pct(worst)}) of {len(pool)} configs" + (f" ({note})" if note else "")
     out = {"config_key": ckey, "params": json.loads(per[attacks[0]]["config_json"]),
            f"worst_case_{metric}": round(worst, 6), f"mean_{ba}": round(mean_ba, 6),
            "per_attack": {a: {"run_id": per[a]["run_id"], metric: number(per[a][metric]), ba: number(per[a][ba])}
                           for a in attacks},
-           "n_configs_on_all_attacks": len(options)}
+           "n_configs_on_all_attacks": len(options), "why": why}
     if note:
         out["note"] = note
     return out
@@ -178,7 +230,8 @@ def build_best_configs(cfg, sweep_id: str, runs) -> dict:
         doc["attacks"] = {}
         for a in attacks:
             rows = trials[trials["attack"] == a]
-            doc["attacks"][a] = {"best": _entry(select_best(rows, sel), cfg),
+            row, why = choose(rows, sel)
+            doc["attacks"][a] = {"best": _entry(row, cfg, why),
                                  "pareto_front": [_entry(r, cfg) for _, r in pareto_front(rows, cfg.search.objectives).iterrows()],
                                  "n_candidates": int(rows["candidate"].sum()) if not rows.empty else 0}
         return doc
@@ -188,7 +241,8 @@ def build_best_configs(cfg, sweep_id: str, runs) -> dict:
         per_attack = {}
         for a in attacks:
             ra = rows[rows["attack"] == a]
-            per_attack[a] = {"best": _entry(select_best(ra, sel), cfg),
+            row, why = choose(ra, sel)
+            per_attack[a] = {"best": _entry(row, cfg, why),
                              "paper_default": _entry(_default_row(ra, d), cfg),
                              "pareto_front": [_entry(r, cfg) for _, r in pareto_front(ra, cfg.search.objectives).iterrows()],
                              "n_candidates": int(ra["candidate"].sum()) if not ra.empty else 0}
@@ -204,7 +258,7 @@ def _default_row(rows, dentry):
     return hit.sort_values("start_time").iloc[0] if not hit.empty else None
 
 
-def _entry(row, cfg) -> dict | None:
+def _entry(row, cfg, why: str | None = None) -> dict | None:
     if row is None:
         return None
     metrics = {}
@@ -213,5 +267,8 @@ def _entry(row, cfg) -> dict | None:
         if m in row and number(row[m]) is not None:
             metrics[m] = number(row[m])
     params = json.loads(row["config_json"]) if row.get("config_json") else {}
-    return {"run_id": row["run_id"], "ray_trial_id": row["ray_trial_id"], "config_key": row["config_key"],
-            "params": params, "metrics": metrics}
+    out = {"run_id": row["run_id"], "ray_trial_id": row["ray_trial_id"], "config_key": row["config_key"],
+           "params": params, "metrics": metrics}
+    if why:
+        out["why"] = why
+    return out

@@ -88,17 +88,6 @@ class Dist:
         scale = ", log" if self.log else ""
         return f"{self.type} [{self.low:g}, {self.high:g}{scale}] (first trial {self.default:g})"
 
-    def as_yaml(self) -> dict:
-        d = {"type": self.type}
-        if self.type == "categorical":
-            d["choices"] = list(self.choices)
-        else:
-            d.update(low=self.low, high=self.high)
-            if self.log:
-                d["log"] = True
-        d["default"] = self.default
-        return d
-
 
 def spaces_dir() -> Path:
     """The installed ``search_spaces`` package folder (package data)."""

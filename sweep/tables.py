@@ -99,8 +99,21 @@ def tables_markdown(cfg, runs, best) -> tuple[str, dict]:
         md.append(f"\n### {heading}\n")
         md.append(_md_table(header, body))
         tables[f"table_{kind}"] = pd.DataFrame(body, columns=header)
+    md.append(_why_md(best, "defenses"))
     md.append(_across_md(cfg, best))
     return "\n".join(md), tables
+
+
+def _why_md(best: dict, section: str) -> str:
+    """Why each selected configuration won, in the rule's own terms."""
+    lines = ["\n## Why each configuration was selected\n", f"Rule: {best['rule']}.\n"]
+    for name, info in (best.get(section) or {}).items():
+        per = info.get("per_attack") or {name: info}
+        for attack, entry in per.items():
+            chosen = (entry or {}).get("best")
+            label = f"{name} / {attack}" if section == "defenses" else attack
+            lines.append(f"- **{label}**: " + (chosen.get("why", "") if chosen else "no fully trained candidate"))
+    return "\n".join(lines) + "\n"
 
 
 def _attack_tables(cfg, best) -> tuple[str, dict]:
@@ -126,6 +139,7 @@ def _attack_tables(cfg, best) -> tuple[str, dict]:
         md.append(_md_table(header, body))
         if cfg.paper_table:
             md.append(_paper_lines(load_table(cfg.paper_table), [a.name for a in cfg.attacks]))
+    md.append(_why_md(best, "attacks"))
     return "\n".join(md), {"attack_best": frame}
 
 
@@ -153,5 +167,5 @@ def _across_md(cfg, best) -> str:
         params = ", ".join(f"{k}={_short(v)}" for k, v in x["params"].items() if k in searched) or "paper defaults"
         lines.append(f"- **{d}**: worst-case {cfg.selection.metric} {100 * worst:.2f}% "
                      f"over {len(x['per_attack'])} attacks ({x['n_configs_on_all_attacks']} configs measured on all)"
-                     + (f"; note: {x['note']}" if x.get("note") else "") + f"  \n  `{params}`")
+                     + f"  \n  why: {x['why']}  \n  `{params}`")
     return "\n".join(lines) + "\n"

@@ -29,6 +29,10 @@ FINAL_METRICS = ("ba", "asr", "ra", "der", "ba_before", "asr_before", "ra_before
 # the tags selection and the report read back (TAG_KEYS plus the trial bookkeeping)
 TAG_COLUMNS = TAG_KEYS + ("phase", "config_key", "config_json", "pair", "cached")
 MAX_PARAM_LEN = 6000
+# the MLflow UI restores a runs-table view (columns, order) from this experiment tag when its URL
+# carries ``viewStateShareKey=<name>`` (MLflow >= 3.15)
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+VIEW_METRICS = ("ba", "asr", "ra", "der")
 
 
 # ---------------------------------------------------------------------------- configurations
@@ -134,6 +138,16 @@ class Tracker:
             if exp is None:
                 raise
             return exp.experiment_id
+
+    def set_comparison_view(self, view: str, params: Iterable[str]) -> str:
+        """Store a shared view of the experiment's runs table (MLflow's ``viewStateShareKey``):
+        BA, ASR, RA, DER, the searched ``params``, attack and defense as columns, lowest ASR
+        first. Returns the UI path that opens it (after the server's address)."""
+        columns = [f"metrics.`{m}`" for m in VIEW_METRICS] + [f"params.`{p}`" for p in params] \
+            + [f"tags.`{t}`" for t in ("attack", "defense", "phase")]
+        state = {"selectedColumns": columns, "orderByKey": "metrics.`asr`", "orderByAsc": True}
+        self.client.set_experiment_tag(self.experiment_id, f"{SHARED_VIEW_TAG}{view}", json.dumps(state))
+        return f"#/experiments/{self.experiment_id}/runs?viewStateShareKey={view}"
 
     # -- runs ----------------------------------------------------------------------------------
     def create_run(self, name: str, tags: dict[str, Any], parent_id: str | None = None,

@@ -1,5 +1,6 @@
 """The command line: list, train, run (attack stage, cache, defense), clear errors."""
 import json
+import re
 import subprocess
 import sys
 
@@ -70,6 +71,22 @@ def test_bad_input_is_one_clear_message_and_no_output(args, message, tmp_path, c
     assert not (tmp_path / "X").exists()
 
 
+def test_a_diverging_defense_ends_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """NBA at lr 1e6 blows the student up in its first epoch: one error line, no traceback, no
+    output folder."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["run", "--dataset", "synthetic:200:100", "--attack", "badnets", "--set", "train.epochs=1",
+                            "--eval-size", "50", "--cache", str(tmp_path / "cache"), "--defense", "nba",
+                            "--set", "defense.lr=1e6", "--set", "defense.teacher_epochs=0",
+                            "--set", "defense.pgd_steps=0", "--set", "defense.epochs=1",
+                            "--set", "defense.clean_fraction=0.5", "--out", "X"], capsys)
+    assert code == 2
+    assert re.match(r"error: defense nba diverged: .*loss is (nan|inf)", err) and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "X").exists()
+
+
+@pytest.mark.slow
 def test_run_attack_then_defense_through_the_cache(tmp_path, capsys):
     cache = tmp_path / "cache"
     common = ["run", "--dataset", "synthetic", "--model", "wrn-16-1", "--attack", "badnets", "--cache", str(cache),

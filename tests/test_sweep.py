@@ -35,10 +35,12 @@ def _runs(rows):
     return pd.DataFrame(out)
 
 
-SEL = Selection(rule="ba_within", ba_tolerance=2.0, metric="asr", mode="min", ba_metric="ba")
+SEL = Selection(rule="ba_within", bound=10.0, ba_tolerance=2.0, metric="asr", mode="min", ba_metric="ba")
+BOUND = Selection(rule="bound", bound=10.0, ba_tolerance=2.0, metric="asr", mode="min", ba_metric="ba")
 
 
-SEL = Selection(rule="ba_within", ba_tolerance=2.0, metric="asr", mode="min", ba_metric="ba")
+SEL = Selection(rule="ba_within", bound=10.0, ba_tolerance=2.0, metric="asr", mode="min", ba_metric="ba")
+BOUND = Selection(rule="bound", bound=10.0, ba_tolerance=2.0, metric="asr", mode="min", ba_metric="ba")
 
 
 def test_pareto_front_and_the_ba_within_rule():
@@ -53,8 +55,45 @@ def test_pareto_front_and_the_ba_within_rule():
     front = pareto_front(df, (("asr", "min"), ("ba", "max")))
     assert list(front["run_id"]) == ["r2", "r1", "r0"]
     assert select_best(df, SEL)["run_id"] == "r1"
-    assert select_best(df, Selection("best_metric", 2.0, "asr", "min", "ba"))["run_id"] == "r2"
+    assert select_best(df, Selection("best_metric", 10.0, 2.0, "asr", "min", "ba"))["run_id"] == "r2"
     assert select_best(df.iloc[4:], SEL) is None          # no candidate at all
+
+
+def test_the_old_rule_picks_the_no_op_and_the_bound_rule_picks_the_defense():
+    """As measured in a quickstart sweep: the config that leaves the model alone keeps the best BA
+    and its backdoor; ``ba_within`` selects it, the default ``bound`` rule does not."""
+    from sweep.selection import choose
+
+    df = _runs([
+        {"key": "no-op", "asr": 0.9644, "ba": 0.830},     # barely changed: the backdoored model's BA
+        {"key": "weak", "asr": 0.8511, "ba": 0.800},
+        {"key": "works", "asr": 0.015, "ba": 0.797},      # backdoor removed, 3.3 BA points lost
+        {"key": "harsh", "asr": 0.004, "ba": 0.702},      # removed too, at a heavy BA cost
+    ])
+    assert select_best(df, SEL)["config_key"] == "no-op"
+    row, why = choose(df, BOUND)
+    assert row["config_key"] == "works"
+    assert why == "asr 1.50% meets the bound (≤ 10%) and its ba 79.70% is the highest of the 2 of 4 candidates that do"
+    # nothing removes the backdoor: the lowest ASR, and the reason says so
+    row, why = choose(df.iloc[:2], BOUND)
+    assert row["config_key"] == "weak" and why.startswith("no candidate of 2 reaches asr ≤ 10%")
+    # an attack sweep's bound is a floor: CheatKD wants student ASR >= 90%, then the best student BA
+    attack = Selection("bound", 90.0, 2.0, "student_asr", "max", "student_ba")
+    df = _runs([{"key": "a", "student_asr": 0.97, "student_ba": 0.70}, {"key": "b", "student_asr": 0.93,
+                "student_ba": 0.78}, {"key": "c", "student_asr": 0.40, "student_ba": 0.80}])
+    assert select_best(df, attack)["config_key"] == "b"
+
+
+def test_across_attacks_the_bound_rule_takes_the_best_mean_ba_among_configs_that_remove_every_backdoor():
+    rows = []
+    for attack, asr_a, asr_b in (("badnets", 0.02, 0.05), ("blend", 0.08, 0.30)):
+        rows += [{"attack": attack, "key": "A", "asr": asr_a, "ba": 0.76},
+                 {"key": "B", "attack": attack, "asr": asr_b, "ba": 0.81}]
+    best = best_across_attacks(_runs(rows), ["badnets", "blend"], BOUND)
+    assert best["config_key"] == "A" and "note" not in best      # B leaves blend's backdoor in
+    rows = [r for r in rows if r["key"] == "B"]
+    best = best_across_attacks(_runs(rows), ["badnets", "blend"], BOUND)
+    assert best["config_key"] == "B" and "no configuration reaches asr ≤ 10% on every attack" in best["note"]
 
 
 def test_best_across_attacks_uses_worst_case_asr_of_configs_measured_everywhere():

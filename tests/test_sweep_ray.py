@@ -144,6 +144,25 @@ def test_reduced_quickstart_sweep_tracks_everything_and_a_failing_trial_fails_al
     logged = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
     assert {"report/best_configs.yaml", "report/report.md", "report/pareto_nba.png"} <= logged
 
+    # the selected models are in the Model Registry; the @best alias loads and measures the same BA
+    from trainables import load_model
+    from trainables.data import load_dataset
+    from trainables.engine import pick_runtime
+    from trainables.stages import Evaluator
+
+    assert set(best["registered_models"]) == {"quickstart-nba", "quickstart-ft"}
+    assert set(best["registered_models"]["quickstart-nba"]) == {"best", "best-badnets"}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    version = c.get_model_version_by_alias("quickstart-nba", "best")
+    assert version.run_id == nba_best["best"]["run_id"]
+    assert version.tags["sweep_id"] == res.sweep_id and version.tags["attack"] == "badnets"
+    assert json.loads(version.tags["config"]) == nba_best["best"]["params"]
+    assert {"ba", "asr", "ra", "der", "why"} <= set(version.tags)
+    model = load_model("models:/quickstart-nba@best", tracking_uri=uri)
+    data = load_dataset("synthetic:400:200")
+    ba = Evaluator(data, None, None, pick_runtime("cpu"))(model)["ba"]
+    assert ba == pytest.approx(nba_best["best"]["metrics"]["ba"], abs=0.5 / 200)      # within half an image
+
     # the on-demand report finds the sweep by its preset name and writes the same selection
     again = make_report("quickstart", workdir=tmp_path, progress=lambda m: None)
     assert again.best_configs == best

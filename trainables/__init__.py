@@ -2,10 +2,34 @@
 defenses and the Ray Tune trainables. Nothing here imports ``sweep``."""
 
 
-def load_model(run_dir):
-    """The model an output directory (``model.pt`` + ``spec.json``) holds, in eval mode."""
+def load_model(source, tracking_uri: str | None = None):
+    """The model an output directory (``model.pt`` + ``spec.json``) holds, in eval mode.
+
+    ``source`` may also be a Model Registry URI, ``models:/<name>@<alias>`` or
+    ``models:/<name>/<version>`` (e.g. ``models:/quickstart-nba@best``, what a sweep registers):
+    its files are downloaded from the tracking server or store (``tracking_uri``, else
+    ``MLFLOW_TRACKING_URI``) and loaded the same way, weights only.
+    """
     from trainables.rundir import load_model as _load
-    return _load(run_dir)
+
+    if str(source).startswith("models:/"):
+        import tempfile
+
+        from mlflow import MlflowClient
+
+        name, sep, alias = str(source)[len("models:/"):].partition("@")
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        if sep:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+        prefix = f"runs:/{version.run_id}/"
+        if not version.source.startswith(prefix):
+            raise ValueError(f"{source}: version {version.version} is not stored in a run ({version.source})")
+        with tempfile.TemporaryDirectory() as tmp:
+            return _load(client.download_artifacts(version.run_id, version.source[len(prefix):], tmp))
+    return _load(source)
 
 
 def load_model_file(weights, spec_path):

@@ -30,7 +30,7 @@ from trainables.data.base import DataError
 from trainables.data.base import Dataset, ImageSet
 from trainables.data.splits import clean_subset
 from trainables.defenses.base import DefenseContext
-from trainables.engine import Runtime, SGDConfig, pick_runtime, prepare, train
+from trainables.engine import Runtime, SGDConfig, TrainingDiverged, pick_runtime, prepare, train
 from trainables.metrics import backdoor_metrics, der
 from trainables.models import build_model, list_models
 from trainables.params import ParamError, as_dict, make_params
@@ -378,7 +378,11 @@ def defend(art: AttackArtifact, dspec: DefenseStageSpec, out_dir: str | Path | N
         ctx.train = art.poisoned_train()
         mname = art.spec["model"]["name"]
         ctx.build_model = lambda: prepare(_seeded_model(mname, dataset, dspec.seed), rt)
-    repaired = defense.run(ctx)
+    try:
+        repaired = defense.run(ctx)
+    except TrainingDiverged as e:
+        raise TrainingDiverged(f"defense {dspec.defense} diverged: {e} (try a lower lr, or max_grad_norm "
+                               f"where the defense has it)") from None
     after = full(repaired)
     label(f"after: {_fmt_metrics(after)}")
     metrics = {**after, "before": before, "after": after,

@@ -1,0 +1,102 @@
+"""The selected defended models in the MLflow Model Registry, ready to deploy.
+
+For each defense of a sweep, one registered model ``<preset>-<defense>`` holds a version per
+selected configuration: the per-attack choice (alias ``best-<attack>``) and the configuration
+chosen across attacks on each attack (alias ``best-across-<attack>``). The alias ``best`` points
+at the across-attacks choice on the preset's first attack, or, with one attack, at that attack's
+choice. Each version's tags carry the configuration, its BA/ASR/RA/DER, the attack and the sweep
+id. ``trainables.load_model("models:/<preset>-<defense>@best")`` loads it.
+
+A version's source is the trial run's ``model/`` artifact folder (the state_dict ``model.pt``,
+``spec.json``, ``metrics.json``), made an MLflow model by an ``MLmodel`` file naming the
+``backdoor_sweep`` flavour. Nothing in it is pickled code: loading rebuilds the architecture
+from ``spec.json`` and reads the weights with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+MODEL_DIR = "model"
+FLAVOR = "backdoor_sweep"
+METRIC_TAGS = ("ba", "asr", "ra", "der")
+
+
+def registered_name(preset: str, defense: str) -> str:
+    return f"{preset}-{defense}"
+
+
+def _mark_as_mlflow_model(tracker, run_id: str) -> bool:
+    """Add the ``MLmodel`` file to the run's model folder; False if the run has no model."""
+    from mlflow.models import Model
+
+    have = {a.path for a in tracker.client.list_artifacts(run_id, MODEL_DIR)}
+    if f"{MODEL_DIR}/model.pt" not in have:
+        return False
+    if f"{MODEL_DIR}/MLmodel" not in have:
+        model = Model(artifact_path=MODEL_DIR, run_id=run_id, flavors={FLAVOR: {
+            "state_dict": "model.pt", "spec": "spec.json", "loader": "trainables.load_model"}})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "MLmodel"
+            model.save(str(path))
+            tracker.client.log_artifact(run_id, str(path), MODEL_DIR)
+    return True
+
+
+def _version(tracker, name: str, entry: dict, tags: dict) -> str | None:
+    """The model version of ``entry``'s run (created once; a second report reuses it)."""
+    client, run_id = tracker.client, entry["run_id"]
+    for v in client.search_model_versions(f"name='{name}'"):
+        if v.run_id == run_id:
+            return v.version
+    if not _mark_as_mlflow_model(tracker, run_id):
+        return None
+    version = client.create_model_version(name, source=f"runs:/{run_id}/{MODEL_DIR}", run_id=run_id,
+                                          tags={k: str(v)[:5000] for k, v in tags.items()})
+    return version.version
+
+
+def register_best(tracker, cfg, sweep_id: str, best: dict, progress=print) -> dict:
+    """Register the selected models of every defense; returns name -> {alias: version}."""
+    from mlflow.exceptions import MlflowException
+
+    out = {}
+    attacks = [a.name for a in cfg.attacks]
+    for defense, info in (best.get("defenses") or {}).items():
+        name = registered_name(cfg.name, defense)
+        try:
+            tracker.client.create_registered_model(name, tags={"preset": cfg.name, "defense": defense},
+                                                   description=f"{defense} configurations selected by the "
+                                                               f"{cfg.name} sweeps ({best['rule']})")
+        except MlflowException:
+            pass                                   # registered by an earlier sweep
+        aliases = {}
+        for attack in attacks:
+            entry = ((info.get("per_attack") or {}).get(attack) or {}).get("best")
+            if entry:
+                aliases[f"best-{attack}"] = _register(tracker, name, entry, attack, "per_attack", sweep_id, defense)
+        across = info.get("across_attacks") or {}
+        for attack, run in (across.get("per_attack") or {}).items():
+            entry = {"run_id": run["run_id"], "params": across["params"], "config_key": across["config_key"],
+                     "metrics": {k: v for k, v in run.items() if k in METRIC_TAGS}, "why": across.get("why", "")}
+            aliases[f"best-across-{attack}"] = _register(tracker, name, entry, attack, "across_attacks", sweep_id,
+                                                         defense)
+        main = aliases.get(f"best-across-{attacks[0]}") or aliases.get(f"best-{attacks[0]}")
+        if main:
+            aliases["best"] = main
+        aliases = {k: v for k, v in aliases.items() if v}
+        for alias, version in aliases.items():
+            tracker.client.set_registered_model_alias(name, alias, version)
+        if aliases:
+            out[name] = aliases
+            progress(f"registered {name}: " + ", ".join(f"@{a} = v{v}" for a, v in sorted(aliases.items())))
+    return out
+
+
+def _register(tracker, name, entry, attack, scope, sweep_id, defense) -> str | None:
+    tags = {"sweep_id": sweep_id, "defense": defense, "attack": attack, "scope": scope,
+            "config_key": entry["config_key"], "config": json.dumps(entry["params"], sort_keys=True),
+            "why": entry.get("why", "")}
+    tags.update({m: entry["metrics"][m] for m in METRIC_TAGS if entry["metrics"].get(m) is not None})
+    return _version(tracker, name, entry, tags)
