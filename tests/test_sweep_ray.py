@@ -3,6 +3,8 @@
 * a reduced quickstart sweep in-process: one attack stage, NBA trials (one made to fail by a
   test plugin's trial hook) and FT's paper-default trial; every run, tag, metric, artifact and
   report file;
+* a pair that fails (PARTIAL, exit 3) and its resume, which redoes only that pair; a sweep
+  whose every attack stage fails (exit 3 too);
 * a driver SIGKILLed mid-sweep (10 trials over one attack; a test plugin pauses the 4th trial so
   the kill lands with two trials done and two running) and resumed: no RUNNING and no duplicate
   runs, 10 trials, and the attack stage trained exactly once across both drivers, with a stale
@@ -84,7 +86,12 @@ def test_reduced_quickstart_sweep_tracks_everything_and_a_failing_trial_fails_al
     (attack_run,) = by_role["attack"]
     trials = by_role["defense"]
     assert parent.info.status == "FINISHED" and parent.info.run_id == res.parent_run_id
-    assert c.get_experiment(parent.info.experiment_id).name == "quickstart"       # one experiment per preset
+    experiment = c.get_experiment(parent.info.experiment_id)
+    assert experiment.name == "quickstart"                                          # one experiment per preset
+    # the MLflow UI's shared view (?viewStateShareKey=backdoor-sweep): the metrics and searched params
+    view = json.loads(experiment.tags["mlflow.sharedViewState.backdoor-sweep"])
+    assert view["selectedColumns"][:4] == ["metrics.`ba`", "metrics.`asr`", "metrics.`ra`", "metrics.`der`"]
+    assert {"params.`lambda1`", "params.`lr`", "tags.`attack`", "tags.`defense`"} <= set(view["selectedColumns"])
     for r in runs:                                  # DESIGN's tags on every run
         tags = r.data.tags
         assert set(TAG_KEYS) <= set(tags)
@@ -167,6 +174,79 @@ def test_reduced_quickstart_sweep_tracks_everything_and_a_failing_trial_fails_al
     again = make_report("quickstart", workdir=tmp_path, progress=lambda m: None)
     assert again.best_configs == best
     assert "MLFLOW_TRACKING_URI" not in os.environ      # reading runs leaves no global state behind
+
+
+# ============================================================================ partial sweeps
+
+def _args(workdir, sets):
+    return ["quickstart", "--workdir", str(workdir)] + [x for item in sets for x in ("--set", item)]
+
+
+def _state(workdir):
+    return json.loads(next((workdir / "sweeps").glob("*/sweep.json")).read_text())
+
+
+def test_a_failed_pair_makes_the_sweep_partial_and_resume_redoes_only_it(tmp_path, monkeypatch, capsys):
+    """NBA's one trial (lr 0.05, in the paper-default Tuner beside nothing else) fails through
+    the test plugin; FT's searched pair finishes. The sweep ends PARTIAL (exit 3, after its
+    report); --resume runs NBA's pair again (the plugin fails only once) and not FT's Tuner."""
+    from sweep.cli import main
+
+    _use_plugin(monkeypatch, "sweep_fail_low_lr_once")
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    args = _args(tmp_path, TINY + ["defenses.nba.num_samples=1", "defenses.nba.params.lr=0.05",
+                                   "defenses.ft.num_samples=2", "defenses.ft.space.lr=[0.1, 0.2]"])
+    assert main(args) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ended partial" in err[0] and "badnets__nba" in err[0], err
+    state = _state(tmp_path)
+    sweep_dir = tmp_path / "sweeps" / state["sweep_id"]
+    assert state["status"] == "partial"
+    assert state["phases"] == {"defaults": "failed", "badnets__ft": "done"}
+    assert list(state["failures"]["defaults"]) == ["badnets__nba"]
+    assert (sweep_dir / "report" / "report.md").is_file()          # the report of what finished
+    c, runs = _all_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags["role"] == "sweep"]
+    assert parent.info.status == "FAILED" and parent.data.tags["status"] == "partial"
+    assert parent.data.tags["failed_pairs"] == "badnets__nba"
+    ft_runs = sorted(r.info.run_id for r in runs if r.data.tags["defense"] == "ft" and r.data.tags["role"] == "defense")
+    assert len(ft_runs) == 2
+
+    assert main(args + ["--resume"]) == 0, capsys.readouterr().err
+    state = _state(tmp_path)
+    assert state["status"] == "finished" and state["failures"] == {}
+    assert state["phases"] == {"defaults": "done", "badnets__ft": "done"}
+    assert list((sweep_dir / "ray").glob("defaults.failed-*"))      # the failed Tuner's files, kept aside
+    c, runs = _all_runs(tmp_path)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    trials = [r for r in runs if r.data.tags["role"] == "defense"]
+    assert sorted(r.info.run_id for r in trials if r.data.tags["defense"] == "ft") == ft_runs   # not run again
+    assert sorted(r.info.status for r in trials if r.data.tags["defense"] == "nba") == ["FAILED", "FINISHED"]
+    (parent,) = [r for r in runs if r.data.tags["role"] == "sweep"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["status"] == "finished"
+    assert "failed_pairs" not in parent.data.tags
+
+
+def test_a_sweep_whose_every_stage_fails_exits_nonzero(tmp_path, monkeypatch, capsys):
+    """The image folder exists (so the sweep starts) but holds no class folders: the attack stage
+    fails in its worker, nothing else can run, and the command says so."""
+    from sweep.cli import main
+
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "SWEEP_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    images = tmp_path / "images"
+    (images / "train").mkdir(parents=True)
+    (images / "test").mkdir()
+    sets = [x for x in TINY if not x.startswith("dataset=")] + [f"dataset=imagefolder:{images}"]
+    assert main(_args(tmp_path / "w", sets)) == 3
+    err = capsys.readouterr().err
+    assert "attack stage badnets" in err and "Traceback" not in err
+    state = _state(tmp_path / "w")
+    assert state["status"] == "partial" and state["phases"] == {}
+    c, runs = _all_runs(tmp_path / "w")
+    (attack_run,) = [r for r in runs if r.data.tags["role"] == "attack"]
+    assert attack_run.info.status == "FAILED" and "no class folders" in attack_run.data.tags["error"]
 
 
 # ============================================================================ kill and resume
