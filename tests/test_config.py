@@ -8,7 +8,7 @@ import yaml
 
 from sweep import ConfigError, dry_run, format_config, list_presets, load_preset
 from sweep.plan import make_plan
-from sweep.spaces import first_point, load_space, optuna_space
+from sweep.spaces import first_point, optuna_space
 
 PRESETS = ("quickstart", "nba_cifar", "dlp_cifar", "cheatkd_cifar100", "nba_table2", "dlp_table3")
 
@@ -182,3 +182,43 @@ def test_every_method_states_its_own_cost():
     assert ck.extra_passes(make_params(ck.Params, {"kd_epochs": 20}), 1000) > \
         ck.extra_passes(make_params(ck.Params, {"kd_epochs": 2}), 1000)
     assert registry.get_attack("badnets").extra_passes(None, 1000) == 0
+
+
+# ============================================================================ folders for workers
+
+def test_relative_folders_become_absolute_against_the_driver_cwd():
+    from sweep.preset import absolute_paths
+
+    d = {"dataset": "imagefolder:data/cifar", "data_root": "../datasets",
+         "attacks": {"badnets": {"dataset": "imagefolder:./other"}, "blend": {"dataset": None}, "sig": {}}}
+    out = absolute_paths(d, "/home/me/exp")
+    assert out["dataset"] == "imagefolder:/home/me/exp/data/cifar"
+    assert out["data_root"] == "/home/me/datasets"
+    assert out["attacks"]["badnets"]["dataset"] == "imagefolder:/home/me/exp/other"
+    assert out["attacks"]["blend"]["dataset"] is None and out["attacks"]["sig"] == {}
+    assert d["dataset"] == "imagefolder:data/cifar"                  # the input is left alone
+    # absolute folders, other datasets and the unset root stay as they are
+    same = {"dataset": "imagefolder:/data/x", "data_root": None, "attacks": {"a": {"dataset": "synthetic:400"}}}
+    assert absolute_paths(same, "/elsewhere") == same
+    assert absolute_paths({"dataset": "cifar10", "data_root": "", "attacks": {}}, "/x")["dataset"] == "cifar10"
+
+
+def test_absolute_dataset_names():
+    import os
+
+    from trainables.data import absolute_dataset_name
+
+    assert absolute_dataset_name("imagefolder:~/pics", "/x") == f"imagefolder:{os.path.expanduser('~/pics')}"
+    assert absolute_dataset_name("ImageFolder:a/../b", "/x") == "ImageFolder:/x/b"
+    for name in ("imagefolder", "imagefolder:", "synthetic:400:200", "gtsrb", None):
+        assert absolute_dataset_name(name, "/x") == name
+
+
+def test_a_loaded_preset_holds_absolute_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_preset("quickstart", ["dataset=imagefolder:data/cifar", "data_root=roots",
+                                     "attacks.blend.dataset=imagefolder:blend"])
+    assert cfg.dataset == f"imagefolder:{tmp_path}/data/cifar" and cfg.data_root == f"{tmp_path}/roots"
+    assert cfg.attack("blend").dataset == f"imagefolder:{tmp_path}/blend"
+    assert cfg.attack("badnets").dataset == cfg.dataset
+    assert make_plan(cfg).stage_for("blend").spec.dataset == f"imagefolder:{tmp_path}/blend"
