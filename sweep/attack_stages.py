@@ -83,9 +83,11 @@ def _log_stage_run(ctx: SweepContext, s: StagePlan, path: Path | None, trained: 
     spec = s.spec
     tags = {**ctx.base_tags, "role": "attack", "attack": s.attack, "defense": "none", "attack_hash": s.hash,
             "dataset": spec.dataset, "cached": str(not trained).lower(), "fully_trained": "true"}
-    if existing is not None:
+    if existing is not None:       # left open by a crashed driver, or FAILED before a --resume
         run_id = existing.info.run_id
         tracker.set_tags(run_id, tags)
+        if error is None:
+            tracker.delete_tags(run_id, ["error"])
     else:
         params = {**spec.attack_params, **{f"train.{k}": v for k, v in spec.train.items()}}
         run_id = tracker.create_run(f"attack/{s.attack}/{s.hash[:8]}", tags, ctx.parent_run_id, params)

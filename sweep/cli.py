@@ -8,6 +8,9 @@
     python -m sweep bench train [--json]
 
 Every command validates its input first and stops with one message naming what is wrong.
+Exit codes: 0 done; 2 bad input (one ``error:`` line, nothing started); 3 a sweep that ended
+partial (some attack stage or pair failed; the report covers what finished, ``--resume`` redoes
+the rest); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import sys
 from pathlib import Path
 
 COMMANDS = ("list", "train", "run", "report", "bench")
+EXIT_PARTIAL = 3
 
 
 def _print(msg: str) -> None:
@@ -178,7 +182,17 @@ def cmd_preset(argv: list[str]) -> int:
     # the sweep's runs are closed and safe in MLflow; the report reads them back
     make_report(result.sweep_id, workdir=result.workdir, tracking_uri=result.tracking_uri,
                 experiment=result.experiment, progress=_print)
+    if result.status == "PARTIAL":
+        print(partial_message(result), file=sys.stderr)
+        return EXIT_PARTIAL
     return 0
+
+
+def partial_message(result) -> str:
+    """One line: what failed in a partial sweep, and how to redo it."""
+    failed = [f"attack stage {a}" for a in result.failed_stages] + list(result.failed_pairs)
+    return (f"error: sweep {result.sweep_id} ended partial ({len(failed)} failed: {', '.join(failed)}); "
+            f"the report covers what finished; --resume runs what failed again")
 
 
 # ----------------------------------------------------------------------------- parser

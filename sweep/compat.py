@@ -31,6 +31,16 @@ def tune_trial_states(grid) -> dict[str, tuple[str, dict]]:
     return states
 
 
+def tune_trial_configs(grid) -> list[tuple[str, dict]]:
+    """(Tune status, config) of every trial a ``ResultGrid`` knows. The public ``Result`` carries
+    a trial's config only in its last report, so a trial that failed before reporting has none."""
+    analysis = getattr(grid, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None)
+    if trials is not None:
+        return [(trial.status, dict(trial.config or {})) for trial in trials]
+    return [("ERROR" if res.error is not None else "TERMINATED", dict(res.config or {})) for res in grid]
+
+
 def tell_optuna_pruned(searcher, trial_id: str) -> bool:
     """Tell the Optuna study behind Ray's ``OptunaSearch`` that ``trial_id`` was PRUNED (Ray
     itself only ever tells COMPLETE or FAIL). Returns False if the searcher does not hold the

@@ -2,7 +2,8 @@
 
 A preset is a YAML file in ``sweep/presets/`` (or any path). ``load_preset(name, overrides)``
 reads it, applies ``--set key=value`` overrides (dotted keys, YAML values), fills in the defaults
-below and validates everything before any work: method, dataset and model names, every method
+below, makes relative folders absolute (against the current directory: trials run elsewhere) and
+validates everything before any work: method, dataset and model names, every method
 parameter (through the method's ``Params`` and ``make_params``), every narrowing of a search
 space (inside ``search_spaces/<method>.yaml`` and inside the ``Params`` bounds), the training
 budget, the search and selection settings. The first problem found stops it with one
@@ -52,6 +53,7 @@ Preset fields (defaults in brackets; ``sweep.schema.DEFAULTS``)::
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -104,7 +106,24 @@ def load_preset(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
     raw = schema.normalise(raw)
     for item in overrides:
         raw = schema.normalise(schema.apply_override(raw, item))
-    return build_config(path.stem, str(path), schema.merge(schema.DEFAULTS, raw), tuple(overrides))
+    d = absolute_paths(schema.merge(schema.DEFAULTS, raw), Path.cwd())
+    return build_config(path.stem, str(path), d, tuple(overrides))
+
+
+def absolute_paths(d: dict, cwd: str | Path) -> dict:
+    """A preset mapping with its relative folders (``imagefolder:<path>`` datasets, ``data_root``)
+    made absolute against ``cwd``: trials run in the working directory Tune gives them, on any
+    node, so a path relative to the driver's would name another folder there."""
+    from trainables.data import absolute_dataset_name, absolute_path
+
+    d = copy.deepcopy(d)
+    d["dataset"] = absolute_dataset_name(d.get("dataset"), cwd)
+    if isinstance(d.get("data_root"), str) and d["data_root"]:
+        d["data_root"] = absolute_path(d["data_root"], cwd)
+    for entry in (d.get("attacks") or {}).values():
+        if isinstance(entry, dict) and entry.get("dataset"):
+            entry["dataset"] = absolute_dataset_name(entry["dataset"], cwd)
+    return d
 
 
 def rebuild_config(name: str, stored: dict, overrides: tuple[str, ...] = (), source: str = "") -> SweepConfig:

@@ -5,6 +5,10 @@ making Ctrl-C / SIGTERM stop the whole sweep.
 started explicitly (``address="local"``: a stale ``ray_current_cluster`` file left by a crashed
 run can never make it join a dead cluster), without the dashboard, bound to 127.0.0.1
 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` unless the environment sets it).
+
+Either way the workers get the driver's settings that the trainables read (``WORKER_ENV``, those
+set in the driver) through the job's ``runtime_env``: a worker on another node does not inherit
+the driver's environment.
 """
 from __future__ import annotations
 
@@ -19,6 +23,27 @@ from sweep.config import SweepConfig
 from sweep.errors import SweepError, SweepInterrupted
 
 LOCAL_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# the environment variables ``trainables`` reads (grep os.environ there), and which hold folders
+WORKER_ENV = ("SWEEP_DATA_ROOT", "SWEEP_CACHE_DIR", "SWEEP_DEVICE", "SWEEP_AMP", "SWEEP_CHANNELS_LAST",
+              "SWEEP_PLUGINS")
+PATH_ENV = ("SWEEP_DATA_ROOT", "SWEEP_CACHE_DIR")
+
+
+def worker_env(environ: dict, cwd: str) -> dict[str, str]:
+    """The ``WORKER_ENV`` variables set in ``environ``, folders made absolute against ``cwd``
+    (a worker's working directory is not the driver's)."""
+    from trainables.data import absolute_path
+
+    out = {k: environ[k] for k in WORKER_ENV if environ.get(k)}
+    for k in PATH_ENV:
+        if k in out:
+            out[k] = absolute_path(out[k], cwd)
+    return out
+
+
+def _runtime_env() -> dict:
+    env = worker_env(dict(os.environ), os.getcwd())
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 @contextlib.contextmanager
@@ -59,10 +84,11 @@ def ray_session(cfg: SweepConfig, address: str | None = None, progress: Callable
         return
     if address:
         progress(f"joining the Ray cluster at {address}")
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **_runtime_env())
     else:
         kwargs = dict(address="local", include_dashboard=False, configure_logging=True,
-                      object_store_memory=cfg.ray.object_store_mb * 2 ** 20, log_to_driver=True)
+                      object_store_memory=cfg.ray.object_store_mb * 2 ** 20, log_to_driver=True,
+                      **_runtime_env())
         if cfg.ray.num_cpus is not None:
             kwargs["num_cpus"] = cfg.ray.num_cpus
         if cfg.ray.num_gpus is not None:

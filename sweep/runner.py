@@ -14,6 +14,18 @@ Work directory (``--workdir``, default ``./sweep-runs``)::
 
 On a cluster the work directory must be on storage every node sees (NFS), or the cache and the
 trial outputs will not be found by the driver and the other workers.
+
+How a sweep ends (``SweepResult.status``; sweep.json ``status``; the parent run's ``status`` tag):
+
+* FINISHED: every attack stage and every Tuner's pairs finished (a failed trial among finished
+  ones is that trial's failure alone);
+* PARTIAL: some attack stage failed, or a Tuner raised, or a pair had no trial that finished.
+  The rest ran and is reported. MLflow's run statuses are fixed, so the parent run ends FAILED
+  with the tag ``status=partial``; ``--resume`` redoes only what failed;
+* KILLED (Ctrl-C, SIGTERM) and FAILED (the driver raised): ``--resume`` continues.
+
+Before any of it, ``preflight`` checks what would otherwise fail later, deep in a worker: the
+tracking server answers, and every image-folder dataset exists.
 """
 from __future__ import annotations
 
@@ -31,7 +43,8 @@ from sweep.plan import make_plan
 from sweep.config import format_config
 from sweep.ray_session import check_resources, interruptible, ray_session
 from sweep.state import SweepState
-from sweep.tracking import Tracker, flatten, resolve_tracking_uri
+from sweep.errors import ConfigError
+from sweep.tracking import Tracker, check_server, flatten, resolve_tracking_uri
 
 
 @dataclass
@@ -43,10 +56,11 @@ class SweepResult:
     experiment: str
     experiment_id: str
     parent_run_id: str
-    status: str                                   # FINISHED | FAILED | KILLED
+    status: str                                   # FINISHED | PARTIAL | FAILED | KILLED
     attack_stages: dict[str, str] = field(default_factory=dict)   # attack -> artifact dir
     trained_stages: list[str] = field(default_factory=list)       # hashes trained by this run
     failed_stages: dict[str, str] = field(default_factory=dict)   # attack -> error
+    failed_pairs: dict[str, str] = field(default_factory=dict)    # pair (or cross-check) key -> error
     trials: dict[str, int] = field(default_factory=dict)          # MLflow status -> count
 
 
@@ -54,6 +68,7 @@ def run_sweep(cfg: SweepConfig, *, workdir: str | Path = "sweep-runs", tracking_
               address: str | None = None, resume: bool | str = False, experiment: str | None = None,
               progress: Callable[[str], None] = print) -> SweepResult:
     """Run (or with ``resume`` continue) the sweep ``cfg`` describes; see the module docstring."""
+    preflight(cfg, tracking_uri)
     ctx = _open(cfg, Path(workdir).expanduser().resolve(), tracking_uri, resume, experiment, progress)
     result = SweepResult(ctx.state.sweep_id, ctx.state.dir, ctx.workdir, ctx.tracker.uri, ctx.tracker.experiment_name,
                          ctx.tracker.experiment_id, ctx.parent_run_id, "RUNNING")
@@ -69,7 +84,7 @@ def run_sweep(cfg: SweepConfig, *, workdir: str | Path = "sweep-runs", tracking_
             run_default_cases(ctx)
             run_searched_pairs(ctx)
             run_cross_check(ctx)
-        status = "FINISHED"
+        status = outcome(ctx.failed_stages, ctx.state.failures)
     except KeyboardInterrupt:
         status = "KILLED"
         progress(f"sweep {ctx.state.sweep_id} interrupted; continue it with --resume")
@@ -78,11 +93,31 @@ def run_sweep(cfg: SweepConfig, *, workdir: str | Path = "sweep-runs", tracking_
         # nothing of this sweep stays open (--resume reattaches trial runs by their ray_trial_id)
         ctx.tracker.close_open_runs(ctx.state.sweep_id, "KILLED", keep=[ctx.parent_run_id])
         result.trained_stages, result.failed_stages = ctx.trained_stages, ctx.failed_stages
+        result.failed_pairs = {k: v for what in ctx.state.failures.values() for k, v in what.items()}
         result.attack_stages = {s.attack: ctx.stage_dirs[s.hash] for s in ctx.plan.stages
                                 if s.hash in ctx.stage_dirs and s.level == 1}
         result.trials = _count_trials(ctx.tracker, ctx.state.sweep_id)
         _finish(ctx, status, result)
     return result
+
+
+def preflight(cfg: SweepConfig, tracking_uri: str | None) -> None:
+    """What would fail later, deep in a worker or after MLflow's retries, fails now with one
+    ``ConfigError`` naming it, before any directory, run or Ray exists."""
+    check_dataset_folders(cfg)
+    check_server(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def check_dataset_folders(cfg: SweepConfig) -> None:
+    """Every image-folder dataset of the sweep exists (a missing one fails every attack stage)."""
+    from trainables.data import DataError, check_dataset_folder
+
+    for a in cfg.attacks:
+        key = "dataset" if a.dataset == cfg.dataset else f"attacks.{a.name}.dataset"
+        try:
+            check_dataset_folder(a.dataset, cfg.data_root)
+        except DataError as e:
+            raise ConfigError(f"{key}: {e}") from None
 
 
 def _open(cfg: SweepConfig, workdir: Path, tracking_uri: str | None, resume: bool | str,
@@ -130,13 +165,22 @@ def _ui_hint(uri: str) -> str:
     return f"`python -m mlflow ui --backend-store-uri {uri} --host 127.0.0.1`, then http://127.0.0.1:5000/"
 
 
+def outcome(failed_stages: dict, failures: dict) -> str:
+    """FINISHED, or PARTIAL when an attack stage or a Tuner's pair failed."""
+    return "PARTIAL" if failed_stages or failures else "FINISHED"
+
+
 def _finish(ctx: SweepContext, status: str, result: SweepResult) -> None:
-    tracker, state = ctx.tracker, ctx.state
-    tracker.log_metrics(ctx.parent_run_id, {f"trials_{k.lower()}": v for k, v in result.trials.items()})
-    if result.failed_stages:
-        tracker.set_tags(ctx.parent_run_id, {"failed_stages": ",".join(result.failed_stages)})
-    tracker.end(ctx.parent_run_id, status)
-    state.data["status"] = "finished" if status == "FINISHED" else status.lower()
+    tracker, state, run = ctx.tracker, ctx.state, ctx.parent_run_id
+    tracker.log_metrics(run, {f"trials_{k.lower()}": v for k, v in result.trials.items()})
+    # a resumed sweep that now finished drops the failures its earlier driver tagged
+    failed = {"failed_stages": ",".join(result.failed_stages), "failed_pairs": ",".join(result.failed_pairs)}
+    tracker.set_tags(run, {k: v for k, v in failed.items() if v})
+    tracker.delete_tags(run, [k for k, v in failed.items() if not v])
+    # MLflow has no PARTIAL run status: FAILED, with the sweep's own status as a tag
+    tracker.set_tags(run, {"status": status.lower()})
+    tracker.end(run, "FAILED" if status == "PARTIAL" else status)
+    state.data["status"] = status.lower()
     state.save()
     result.status = status
 

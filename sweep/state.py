@@ -1,8 +1,10 @@
 """``sweeps/<sweep_id>/sweep.json``: a sweep's state on disk, what ``--resume`` and ``report`` read.
 
 It holds the normalised config (and its hash), the overrides, the MLflow experiment and parent
-run, the status (running | finished | failed | killed), the phase of every Tuner
-(started | done | skipped) and the cross-check cases once chosen. Written atomically.
+run, the status (running | finished | partial | failed | killed), the phase of every Tuner
+(started | done | failed | skipped), what failed in each failed Tuner (``failures``: Tuner key ->
+{pair key: why}, what ``--resume`` redoes) and the cross-check cases once chosen. Written
+atomically.
 """
 from __future__ import annotations
 
@@ -38,7 +40,19 @@ class SweepState:
 
     def set_phase(self, key: str, status: str) -> None:
         self.data["phases"][key] = status
+        if status != "failed":
+            self.failures.pop(key, None)
         self.save()
+
+    @property
+    def failures(self) -> dict[str, dict[str, str]]:
+        """Tuner key -> {pair key: why} of the Tuners whose phase is ``failed``."""
+        return self.data.setdefault("failures", {})
+
+    def set_failed(self, key: str, what: dict[str, str]) -> None:
+        """Tuner ``key`` failed for the pairs in ``what``; ``--resume`` runs those again."""
+        self.failures[key] = dict(what)
+        self.set_phase(key, "failed")
 
     def config(self) -> SweepConfig:
         """The sweep's config, rebuilt from the stored (normalised) preset."""
@@ -60,7 +74,8 @@ class SweepState:
         state = cls(d / "sweep.json", {
             "sweep_id": sweep_id, "preset": cfg.name, "config_hash": cfg.config_hash(),
             "config": cfg.to_dict(), "overrides": list(cfg.overrides), "status": "running",
-            "created": time.time(), "phases": {}, "parent_run_id": None, "crosscheck_cases": {}})
+            "created": time.time(), "phases": {}, "failures": {}, "parent_run_id": None,
+            "crosscheck_cases": {}})
         state.save()
         return state
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -80,6 +81,41 @@ def resolve_tracking_uri(workdir: str | Path, uri: str | None = None) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     return uri
+
+
+# bounds MLflow's HTTP client for one probe: by default it retries a dead server for minutes
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def check_server(uri: str | None) -> None:
+    """A tracking server (http/https URI) answers one request, or one ``SweepError`` says so.
+    Local stores (SQLite, files) are not checked."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    from mlflow import MlflowClient
+
+    from sweep.errors import SweepError
+
+    saved = {k: os.environ.get(k) for k in PROBE_ENV}
+    os.environ.update(PROBE_ENV)
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as e:
+        raise SweepError(f"--tracking-uri {uri}: the MLflow tracking server does not answer "
+                         f"({_reason(e)})") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _reason(e: Exception) -> str:
+    """The cause at the end of a requests/urllib3 error chain, on one line."""
+    text = " ".join(str(e).split())
+    m = re.search(r"\[Errno -?\d+\] [^'\"()]+", text)
+    return m.group(0).strip() if m else text[:300]
 
 
 def _is_local_store(uri: str) -> bool:
@@ -173,6 +209,13 @@ class Tracker:
         from mlflow.entities import RunTag
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None])
+
+    def delete_tags(self, run_id: str, keys: Iterable[str]) -> None:
+        """Remove the tags ``keys`` that the run has (MLflow refuses to delete a missing one)."""
+        have = self.client.get_run(run_id).data.tags
+        for k in keys:
+            if k in have:
+                self.client.delete_tag(run_id, k)
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
         """Finite numbers only; timestamps strictly increase per run, so a value logged later at

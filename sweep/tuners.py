@@ -3,9 +3,13 @@ its MLflow runs with Tune's final state so that nothing stays RUNNING.
 
 A Tuner runs a ``TrialJob``: its fixed cases (a grid over their indices) or its searcher's
 proposals. Its Ray Tune experiment lives in ``sweeps/<id>/ray/<key>`` and its phase in the
-sweep's state (started, then done), which is what ``--resume`` reads.
+sweep's state (started, then done; ``sweep.phases`` marks it failed), which is what ``--resume``
+reads. A failed Tuner is started afresh, its old directory set aside as ``<key>.failed-<time>``.
 """
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 from sweep import compat
 from sweep.callbacks import fail_trial_run, finish_trial_run, loggable
@@ -58,6 +62,8 @@ def run_tuner(ctx: SweepContext, key: str, job: TrialJob, searcher=None, num_sam
     from ray import tune
 
     state, exp_dir = ctx.state, ctx.state.dir / "ray" / key
+    if state.phase(key) == "failed":
+        _set_aside(exp_dir)
     if state.phase(key) == "started" and tune.Tuner.can_restore(str(exp_dir)):
         ctx.progress(f"[{key}] resuming the interrupted Tuner from {exp_dir}")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(ctx, job), resume_unfinished=True,
@@ -74,6 +80,18 @@ def run_tuner(ctx: SweepContext, key: str, job: TrialJob, searcher=None, num_sam
         raise KeyboardInterrupt(f"[{key}] interrupted; continue with --resume")
     state.set_phase(key, "done")
     return grid
+
+
+def _set_aside(exp_dir: Path) -> None:
+    """A failed Tuner is run afresh; its Tune directory stays beside, for its error files."""
+    if exp_dir.exists():
+        exp_dir.rename(exp_dir.with_name(f"{exp_dir.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}"))
+
+
+def finished_cases(grid) -> list[int | None]:
+    """The case index (None for a searcher's trial) of every trial of ``grid`` that finished."""
+    return [None if CASE_KEY not in config else int(config[CASE_KEY])
+            for status, config in compat.tune_trial_configs(grid) if status == "TERMINATED"]
 
 
 def can_restore(ctx: SweepContext, key: str) -> bool:

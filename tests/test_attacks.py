@@ -1,24 +1,23 @@
-"""The six classic attacks: BadNets, TrojanNN, Blend, CLA, SIG, Refool (SPEC.md "Attacks").
+"""The six classic attacks: BadNets (Gu et al. 2017), TrojanNN (Liu et al. 2018), Blend (Chen et
+al. 2017), CLA (Turner et al. 2019, label-consistent), SIG (Barni et al. 2019), Refool (Liu et al.
+2020).
 
-Fast tests check every trigger exactly (which pixels change, by how much, [0, 1] range), the
+Unit tier: every trigger exactly (which pixels change, by how much, [0, 1] range), the
 poisoned-set contract (which indices, which labels), the fitting steps of TrojanNN and CLA on an
-untrained WRN-16-1 (what they optimise does improve; CLA stays inside ε), state round trips,
-parameter validation and the search-space files.
+untrained WRN-16-1 (what they optimise does improve; CLA stays inside ε), state round trips and
+parameter validation (the search-space files are checked for every method in test_registry.py).
 
-Training tests: BadNets (fast tier), TrojanNN and Blend (slow tier) fine-tune the suite's clean
-model on their poisoned set; the clean-label attacks (slow tier) train one WRN-16-1 from scratch
-each, beside this file's one clean model (the clean model CLA fits on, and their "clean model has
-a low ASR" reference), and check the backdoor works.
+Slow tier: the poison-label attacks (BadNets, TrojanNN, Blend) fine-tune the suite's clean model
+(conftest's ``trained_clean``) on their poisoned set; the clean-label attacks train one WRN-16-1
+from scratch each, beside this file's one clean model (the clean model CLA fits on, and their
+"clean model has a low ASR" reference), and check the backdoor works.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from trainables.attacks.base import FitContext, poison_training_set, triggered_test_set
 from trainables.data.loader import to_float
@@ -32,7 +31,6 @@ NAMES = ("badnets", "trojannn", "blend", "cla", "sig", "refool")
 KINDS = {"badnets": "poison-label", "trojannn": "poison-label", "blend": "poison-label",
          "cla": "clean-label", "sig": "clean-label", "refool": "clean-label"}
 RATES = {"badnets": 0.1, "trojannn": 0.05, "blend": 0.1, "cla": 0.08, "sig": 0.08, "refool": 0.08}
-SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 # Clean-label attacks train WRN-16-1 from scratch on their poisoned set, as their papers do, with
 # this file's clean model as the reference (same init and batch order: only the poisoning
@@ -43,11 +41,10 @@ SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 BUDGET = SGDConfig(epochs=8, lr=0.05, batch_size=32)
 AUGMENT = False
 # Poison-label attacks fine-tune the suite's clean model (conftest's ``trained_clean``) on their
-# poisoned set for 4 epochs: a third of the cost, and the same ASR (measured from scratch with
-# BUDGET: every one ≥ 90%; fine-tuned 4 epochs: BadNets 98.1%, TrojanNN 100%, Blend 98.0%).
+# poisoned set for 4 epochs: a third of the cost of BUDGET from scratch, and ASR ≥ 90% either way.
 FINETUNE = SGDConfig(epochs=4, lr=0.05, batch_size=32)
 # Fitting budgets for the slow tests (the defaults, 1,000 TrojanNN steps, are for real runs) and
-# the smallest fits that exercise the mechanics in the fast tests.
+# the smallest fits that exercise the mechanics in the unit-tier tests.
 FIT_OVERRIDES = {"trojannn": {"steps": 100, "opt_images": 16}}
 TINY_FIT = {"trojannn": {"steps": 3, "opt_images": 2}, "cla": {"steps": 1, "poison_rate": 0.01}}
 
@@ -102,7 +99,7 @@ def images(data, n: int = 16, start: int = 0) -> torch.Tensor:
     return to_float(data.test.x[start:start + n])
 
 
-# ============================================================================ registry, params, spaces
+# ============================================================================ registry and params
 
 def test_the_six_attacks_are_registered_with_their_kind_and_rate():
     known = attacks()
@@ -130,19 +127,6 @@ def test_the_six_attacks_are_registered_with_their_kind_and_rate():
 def test_bad_parameters_raise_param_error(name, overrides):
     with pytest.raises(ParamError):
         make_params(get_attack(name).Params, overrides)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_search_space_matches_params(name):
-    space = yaml.safe_load((SPACES / f"{name}.yaml").read_text())
-    assert space["method"] == name and space["kind"] == "attack"
-    defaults = {f.name: f.default for f in dataclasses.fields(get_attack(name).Params)}
-    assert "poison_rate" in space["params"]
-    for key, spec in space["params"].items():
-        assert key in defaults, f"{name}.yaml names {key}, not a parameter"
-        assert spec["default"] == defaults[key], f"{name}.yaml {key} default {spec['default']} != {defaults[key]}"
-        if spec["type"] != "categorical":
-            assert spec["low"] <= spec["default"] <= spec["high"]
 
 
 # ============================================================================ poisoned-set contract
@@ -378,13 +362,13 @@ def backdoor(name: str, data, rt, clean, **overrides):
     return attack, got, ref, poisoned, index
 
 
-@pytest.mark.parametrize("name", [
-    "badnets",                                            # the fast tier's attack test
-    pytest.param("trojannn", marks=pytest.mark.slow),
-    pytest.param("blend", marks=pytest.mark.slow),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["badnets", "trojannn", "blend"])
 def test_poison_label_attack_implants_a_backdoor(name, data, rt, trained_clean):
-    """ASR ≥ 90% at a BA within 5 points of the clean model's; the clean model's ASR is low."""
+    """ASR ≥ 90% at a BA within 5 points of the clean model's; the clean model's ASR is low.
+    Measured (ASR, BA; the clean model's BA and ASR): fp32 BadNets 99.3%, 0.975; TrojanNN 100%,
+    0.985; Blend 97.6%, 0.974; clean 0.846, ASR ≤ 1.1%. bf16 BadNets 98.8%, 0.961; TrojanNN 99.8%,
+    0.976; Blend 97.8%, 0.974; clean 0.818, ASR ≤ 3.1%."""
     clean = trained_clean[0]
     attack, index = fitted(name, data, rt, clean, **FIT_OVERRIDES.get(name, {}))
     poisoned, _ = poison_training_set(attack, data.train, index)
@@ -403,20 +387,24 @@ def test_poison_label_attack_implants_a_backdoor(name, data, rt, trained_clean):
 @pytest.mark.parametrize("name, overrides", [
     # CLA at its defaults (ε 8/255, one 3×3 corner, 8%) stays below 5% ASR after these 8 epochs:
     # a clean-label corner trigger needs a longer training than this budget. The test uses
-    # Turner et al.'s stronger settings, all SPEC.md options: ε 16/255, the trigger in all four
-    # corners (survives flips), every target-class image (10%), and a 5×5 checkerboard
-    # (measured: ASR 62.3%; with the 3×3 one 26.3%, with ε 32/255 0.0%).
+    # stronger settings, each a parameter of the attack: ε 16/255 (Turner, Tsipras & Madry 2019,
+    # "Label-consistent backdoor attacks", use 8/255 and 16/255), the trigger in all four corners
+    # (survives flips), every target-class image (10%), and a 5×5 checkerboard
+    # (measured: ASR 61.4% in fp32, 87.3% in bf16; in fp32 with the 3×3 one 26.3%, with ε 32/255
+    # 0.0%).
     ("cla", {"eps": 16 / 255, "four_corners": True, "poison_rate": 0.1, "trigger_size": 5}),
     ("sig", {}),
     # Refool at its defaults (200 generated reflections, 8%) stays near 10% ASR in this budget: a
     # random reflection of weight 0.05-0.45 is a weak feature beside the synthetic shapes. A small
     # pool (5) of strong (weight 0.3-0.45) ghost reflections on every target-class image is
-    # learnt (measured: ASR 36.3%; pool 20: 29.6%; blurred ones too: 26.0%).
+    # learnt (measured: ASR 34.0% in fp32, 34.4% in bf16; in fp32 with pool 20 29.6%, with
+    # blurred ones too 26.0%).
     ("refool", {"pool_size": 5, "poison_rate": 0.1, "reflect_min": 0.3, "reflect_max": 0.45, "ghost_rate": 1.0}),
 ])
 def test_clean_label_attack_implants_a_backdoor(name, overrides, data, rt, clean):
     """No label changes, poisons only in the target class, and an ASR far above the clean
-    model's on the same triggered images (at least 20 points; the clean model's is ≤ 1%)."""
+    model's on the same triggered images (at least 20 points; the clean model's is ≤ 1%).
+    Measured ASR: SIG 34.3% (fp32) / 37.2% (bf16), and CLA and Refool as quoted above."""
     attack, got, ref, poisoned, index = backdoor(name, data, rt, clean, **overrides)
     print(f"{name}: backdoored {got}, clean model {ref}")
     assert torch.equal(poisoned.y, data.train.y)
@@ -424,5 +412,6 @@ def test_clean_label_attack_implants_a_backdoor(name, overrides, data, rt, clean
     assert ref["asr"] <= 0.20
     assert got["asr"] >= ref["asr"] + 0.20
     # a sanity bound only: poisoning every target-class image (a tenth of the test set's classes)
-    # costs target-class accuracy (measured BA: CLA 0.873, SIG 0.960, Refool 0.917; clean 0.985)
+    # costs target-class accuracy (measured BA, fp32: CLA 0.876, SIG 0.972, Refool 0.958, clean
+    # 0.987; bf16: CLA 0.880, SIG 0.964, Refool 0.962, clean 0.983)
     assert got["ba"] >= ref["ba"] - 0.15

@@ -1,8 +1,9 @@
 """The content-addressed artifact cache: one build per hash, corrupt entries rebuilt, locks."""
+import contextlib
 import dataclasses
 import threading
-import time
 
+from trainables import artifacts
 from trainables.artifacts import ArtifactCache, spec_hash, verify
 
 
@@ -65,20 +66,38 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".locks")] == []
 
 
-def test_concurrent_requests_build_once(tmp_path):
+def test_concurrent_requests_build_once(tmp_path, monkeypatch):
+    """Four threads ask for the same missing entry. The build blocks until all four have reached
+    the per-hash lock, so the other three wait on it while the entry is built (no timing luck),
+    then find it there."""
     cache, calls = ArtifactCache(tmp_path), []
+    at_lock = threading.Condition()
+    arrived = []
+    real_locked = artifacts._locked
 
-    def slow_build(tmp):
+    @contextlib.contextmanager
+    def counted(lock_path):
+        with at_lock:
+            arrived.append(threading.get_ident())
+            at_lock.notify_all()
+        with real_locked(lock_path):
+            yield
+
+    monkeypatch.setattr(artifacts, "_locked", counted)
+
+    def build(tmp):
         calls.append(1)
-        time.sleep(0.5)
+        with at_lock:     # the timeout only turns a broken lock into a failure instead of a hang
+            assert at_lock.wait_for(lambda: len(arrived) == 4, timeout=60), arrived
         (tmp / "model.pt").write_bytes(b"w")
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get_or_build("h", slow_build)))
+    threads = [threading.Thread(target=lambda: results.append(cache.get_or_build("h", build)))
                for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert len(arrived) == 4
     assert len(calls) == 1
     assert sorted(built for _, built in results) == [False, False, False, True]

@@ -1,12 +1,15 @@
-"""CheatKD (papers/003, SPEC.md "CheatKD") and the knowledge distillation it targets (trainables/kd.py).
+"""CheatKD (Chen, Li, Jin, Chen, Zheng & Li, "CheatKD: knowledge distillation backdoor attack
+method based on poisoned neuronal assimilation", Computer Science 51(3), 2024) and the knowledge
+distillation it targets (trainables/kd.py).
 
-Fast: δ rules, neuron selection and Eq. 1/Eq. 3 on hand-made tensors; the three KD losses on
-hand-made tensors and on real WRN-16-1s (zero for identical features, positive otherwise,
+Unit tier: δ rules, neuron selection and Eq. 1/Eq. 3 on hand-made tensors; the three KD losses on
+hand-made tensors and on untrained WRN-16-1s (zero for identical features, positive otherwise,
 gradients reach the student and the connectors, never the teacher); the pre-ReLU position; the
-trigger optimisation on the suite's clean WRN-16-1 (the poisoned neurons are driven to δ, the mask
-stays in [0, mask_max], the clean model is untouched); parameters and search space.
-Slow: the whole attack at a tiny scale (teacher ASR, the distilled student's figures) beside a
-BadNets teacher distilled the same way.
+teacher's starting point; parameters and search space.
+Slow tier: the trigger optimisation on the suite's clean WRN-16-1 (the poisoned neurons are
+driven to δ, the mask stays in [0, mask_max], the clean model is untouched), and the whole attack
+at a tiny scale (teacher ASR, the distilled student's figures) beside a BadNets teacher distilled
+the same way.
 """
 from __future__ import annotations
 
@@ -16,9 +19,8 @@ import math
 
 import pytest
 import torch
-import yaml
 
-import search_spaces
+from sweep.spaces import load_space
 from trainables import kd, registry
 from trainables.attacks.base import Attack, AttackParams, FitContext, poison_training_set, triggered_test_set
 from trainables.attacks.cheatkd import (CheatKD, Params, assimilation_loss, delta_values, neuron_activations,
@@ -205,6 +207,7 @@ def test_heo_schedule():
 
 # ============================================================================ trigger optimisation
 
+@pytest.mark.slow
 def test_trigger_optimisation_drives_poisoned_neurons_to_delta(synthetic, trained_clean):
     clean_model, _ = trained_clean
     before = copy.deepcopy(clean_model.state_dict())
@@ -232,7 +235,8 @@ def test_trigger_optimisation_drives_poisoned_neurons_to_delta(synthetic, traine
           f"neurons {state['neurons'].tolist()}, δ {[round(v, 3) for v in state['delta'].tolist()]}, "
           f"activations {[round(v, 3) for v in acts.mean(0).tolist()]} "
           f"± {[round(v, 3) for v in acts.std(0).tolist()]}")
-    assert losses[-1] < 0.4 * losses[0]                                # Eq. 3 falls a lot
+    # measured: Eq. 3 falls 1.972 -> 0.262 in fp32, 3.250 -> 0.634 in bf16 (to 0.13 / 0.20 of its start)
+    assert losses[-1] < 0.4 * losses[0]
     assert measured < 0.4 * losses[0]
     rms_before = math.sqrt(losses[0].item())
     assert ((acts.mean(0) - state["delta"]).abs() < 0.5 * rms_before).all()
@@ -243,8 +247,8 @@ def test_trigger_optimisation_drives_poisoned_neurons_to_delta(synthetic, traine
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
 
 
-def test_bad_layer_or_neuron_count_fails_clearly(synthetic, trained_clean):
-    clean_model, _ = trained_clean
+def test_bad_layer_or_neuron_count_fails_clearly(synthetic):
+    clean_model = _wrn(0, synthetic).eval()          # the checks run before the model is read
     ctx = FitContext(rt=RT, dataset=synthetic, seed=0, clean_model=lambda: clean_model, progress=quiet)
     for overrides, message in (({"layer": 3}, "layer groups"), ({"num_neurons": 65}, "channels")):
         attack = CheatKD(make_params(Params, {**overrides, "trigger_epochs": 0}), synthetic)
@@ -254,10 +258,10 @@ def test_bad_layer_or_neuron_count_fails_clearly(synthetic, trained_clean):
 
 # ============================================================================ the teacher's starting point
 
-def test_teacher_starts_from_the_clean_model_unless_scratch(synthetic, trained_clean):
-    clean_model, _ = trained_clean
+def test_teacher_starts_from_the_clean_model_unless_scratch(synthetic):
+    clean_model = _wrn(0, synthetic).eval()          # any model: the test checks which one is used
     ctx = FitContext(rt=RT, dataset=synthetic, seed=0, clean_model=lambda: clean_model, progress=quiet)
-    assert CheatKD(Params(), synthetic).initial_model(ctx) is clean_model          # paper Sec. 3.1
+    assert CheatKD(Params(), synthetic).initial_model(ctx) is clean_model   # Sec. 3.1: F_t trained into F_t*
     assert CheatKD(make_params(Params, {"teacher_init": "scratch"}), synthetic).initial_model(ctx) is None
     assert _badnets(synthetic, 0.1).initial_model(ctx) is None
 
@@ -295,18 +299,11 @@ def test_registered_with_paper_defaults():
         (-1, 1, "mean", 0.001, 0.2, "overhaul")
 
 
-def test_search_space_matches_params():
-    space = yaml.safe_load(search_spaces.path("cheatkd").read_text())
-    assert space["method"] == "cheatkd" and space["kind"] == "attack"
-    defaults = {f.name: f.default for f in dataclasses.fields(Params)}
-    for name, dist in space["params"].items():
-        assert name in defaults, name
-        assert dist["default"] == defaults[name], name
-        if dist["type"] == "categorical":
-            assert dist["default"] in dist["choices"]
-        else:
-            assert dist["low"] <= dist["default"] <= dist["high"], name
-    assert {"delta_rule", "delta_quantile", "num_neurons", "trigger_lr", "trigger_epochs"} <= set(space["params"])
+def test_search_space_covers_the_papers_sweep_parameters():
+    """δ rule / quantile and the number of poisoned neurons (the paper's sensitivity study,
+    Sec. 4.2.4: Table 6, Fig. 4), the trigger lr and epochs; test_registry.py checks every entry
+    against Params."""
+    assert {"delta_rule", "delta_quantile", "num_neurons", "trigger_lr", "trigger_epochs"} <= set(load_space("cheatkd"))
 
 
 # ============================================================================ end to end (slow)
@@ -392,11 +389,12 @@ def test_cheatkd_end_to_end_against_badnets(synthetic, trained_clean):
     print()
     for name, m in figures.items():
         print(f"{name:16s} " + " ".join(f"{k.upper()}={100 * v:.1f}%" for k, v in m.items()))
-    # measured (CPU, this budget): CheatKD teacher BA 84.8 / ASR 95.8; its student BA 24.2 / ASR 3.4;
-    # BadNets teacher (from scratch) BA 16.3 / ASR 87.6; its student BA 26.8 / ASR 11.3. At 4
-    # distillation epochs on 1,500 images neither backdoor reaches the student: only the teachers'
-    # ASR and the students' sanity are reliable at this scale (the paper's 96.1% vs 0.4% needs its
-    # full budget; the CIFAR-10 figures are in the issue note).
+    # measured (2-core CPU, this budget), fp32 / bf16: CheatKD teacher BA 86.4 / 84.0, ASR 99.2 /
+    # 98.8; its student BA 27.5 / 28.3, ASR 5.9 / 7.7; BadNets teacher (from scratch) BA 17.2 /
+    # 17.0, ASR 86.4 / 86.0; its student BA 26.0 / 25.9, ASR 8.9 / 14.4. At 4 distillation epochs
+    # on 1,500 images neither backdoor reaches the student: only the teachers' ASR and the
+    # students' sanity are reliable at this scale (the paper's 96.1% vs 0.4%, Table 2, needs its
+    # full budget).
     assert figures["cheatkd teacher"]["asr"] >= 0.9
     assert figures["badnets teacher"]["asr"] >= 0.5
     for name in ("cheatkd student", "badnets student"):

@@ -120,3 +120,43 @@ def test_run_attack_then_defense_through_the_cache(tmp_path, capsys):
     assert code == 0 and "ASR" in out3
     assert json.loads((tmp_path / "own" / "metrics.json").read_text())["before"]["asr"] == pytest.approx(
         m["before"]["asr"], abs=1e-6)
+
+
+# ============================================================================ a sweep's bad input
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:          # bound then released: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "dataset=imagefolder:/nonexistent/path"], "dataset: image folder not found: /nonexistent/path"),
+    (["--set", "attacks.blend.dataset=imagefolder:/nonexistent/blend"],
+     "attacks.blend.dataset: image folder not found: /nonexistent/blend"),
+    (["--set", "dataset=imagefolder:missing/rel"], "image folder not found: {tmp}/missing/rel"),
+    (["--tracking-uri", "http://127.0.0.1:{port}"], "--tracking-uri http://127.0.0.1:{port}: the MLflow tracking "
+                                                    "server does not answer ([Errno 111] Connection refused"),
+])
+def test_a_sweep_with_bad_input_stops_before_any_work(extra, message, tmp_path, capsys, monkeypatch):
+    """A missing image folder or a dead tracking server: one line, exit 2, no sweep directory,
+    no Ray (each would otherwise fail every attack stage, or wait out MLflow's retries)."""
+    import os
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    port = _closed_port()
+    extra = [a.format(port=port) for a in extra]
+    start = time.perf_counter()
+    code, _, err = run_cli(["quickstart", "--workdir", str(tmp_path / "w"), *extra], capsys)
+    assert code == 2
+    assert message.format(port=port, tmp=tmp_path) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
+    assert time.perf_counter() - start < 30
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ      # bounded for the probe only

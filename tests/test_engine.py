@@ -12,10 +12,12 @@ from trainables.rundir import CheckpointError, load_model, model_spec, write_run
 RT = pick_runtime("cpu")
 
 
+@pytest.mark.slow
 def test_wrn_learns_synthetic_well_above_chance(synthetic, trained_clean):
     model, history = trained_clean
     ba = accuracy(model, synthetic.test, RT)
-    # 10 classes: chance is 10%; require five times chance
+    print(f"\nclean WRN-16-1 ({RT.description}): BA {ba:.3f}")
+    # 10 classes: chance is 10%; require five times chance (measured: 0.846 fp32, 0.818 bf16)
     assert ba >= 0.5, f"BA {ba:.3f} after {len(history)} epochs"
     assert history[-1]["loss"] < history[0]["loss"]
 
@@ -112,6 +114,7 @@ def test_asr_excludes_target_class_images():
     assert asr == 0.5 and ra == 0.5
 
 
+@pytest.mark.slow
 def test_backdoor_metrics_filter_target_rows(synthetic, trained_clean):
     model, _ = trained_clean
     test = synthetic.test.subset(torch.arange(200))
@@ -128,6 +131,7 @@ def test_der_formula():
     assert der({"ba": 0.8, "asr": 0.1}, {"ba": 0.9, "asr": 0.5}) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_run_dir_roundtrip_and_weights_only(tmp_path, synthetic, trained_clean):
     model, _ = trained_clean
     spec = {"dataset": "synthetic", "model": model_spec("wrn-16-1", 10, synthetic.mean, synthetic.std)}

@@ -232,3 +232,33 @@ def test_ctrl_c_and_sigterm_stop_the_sweep_instead_of_one_tuner():
             signal.raise_signal(signal.SIGTERM)    # the handler runs before this call returns
     assert signal.getsignal(signal.SIGTERM) is before
     assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
+
+
+# ============================================================================ the workers' environment
+
+def test_workers_get_the_driver_settings_the_trainables_read():
+    from sweep.ray_session import WORKER_ENV, worker_env
+
+    environ = {"SWEEP_DATA_ROOT": "data", "SWEEP_CACHE_DIR": "/abs/cache", "SWEEP_AMP": "0",
+               "SWEEP_DEVICE": "cpu", "SWEEP_PLUGINS": "my_plugin", "SWEEP_CHANNELS_LAST": "",
+               "HOME": "/home/me", "MLFLOW_TRACKING_URI": "http://x", "PATH": "/bin"}
+    assert worker_env(environ, "/home/me/exp") == {
+        "SWEEP_DATA_ROOT": "/home/me/exp/data",        # a folder: absolute, the worker's cwd differs
+        "SWEEP_CACHE_DIR": "/abs/cache", "SWEEP_AMP": "0", "SWEEP_DEVICE": "cpu", "SWEEP_PLUGINS": "my_plugin"}
+    assert worker_env({}, "/x") == {}
+
+
+def test_every_variable_the_trainables_read_reaches_the_workers():
+    """A new ``os.environ`` read in trainables/ must join ``WORKER_ENV`` (or a worker on another
+    node silently runs without it)."""
+    import re
+
+    from sweep.ray_session import WORKER_ENV
+
+    read = set()
+    for f in (ROOT / "trainables").rglob("*.py"):
+        text = f.read_text()
+        read |= set(re.findall(r"environ(?:\.get)?\(?\[?\s*[\"'](SWEEP_[A-Z_]+)", text))
+        read |= set(re.findall(r"getenv\(\s*[\"'](SWEEP_[A-Z_]+)", text))
+        read |= set(re.findall(r"^ENV = [\"'](SWEEP_[A-Z_]+)", text, re.M))
+    assert read and read <= set(WORKER_ENV), read - set(WORKER_ENV)

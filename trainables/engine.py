@@ -2,8 +2,12 @@
 
 * data: device-resident uint8 tensors, batches gathered by index, crop/flip on the device
   (``trainables.data.loader``);
-* mixed precision: bf16 autocast on CUDA, and on CPUs whose oneDNN has fast bf16 kernels
-  (AVX-512 BF16 / AMX); on CPUs without them bf16 is emulated and ~25x slower, so fp32 is kept;
+* device: CUDA when present, except inside a Ray task or actor that Ray granted no GPU (a
+  CPU trial on a GPU node stays off the GPUs that other trials were granted);
+* mixed precision (``choose_precision``): bf16 autocast on GPUs that run it natively (compute
+  capability >= 8.0), fp16 autocast with a gradient scaler on older GPUs (their bf16 is
+  emulated), bf16 on CPUs whose oneDNN has fast bf16 kernels (AVX-512 BF16 / AMX); on CPUs
+  without them bf16 is emulated and ~25x slower, so fp32 is kept;
 * channels-last memory format (faster on every device measured);
 * seeded: the same seed gives the same batches, augmentations and initial weights.
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -53,31 +58,102 @@ class Runtime:
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp, "fp32")
         return f"{self.device.type} {amp}{' channels-last' if self.channels_last else ''}"
 
+    @property
+    def needs_scaler(self) -> bool:
+        """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
+        return self.amp == torch.float16
+
+
+@dataclass(frozen=True)
+class Precision:
+    amp: torch.dtype | None      # the autocast dtype, None for fp32
+    scaler: bool                 # train with torch.amp.GradScaler (fp16 only)
+
+
+def choose_precision(device_type: str, capability: tuple[int, int] | None, cpu_fast_bf16: bool,
+                     amp: bool | None = None) -> Precision:
+    """The mixed precision for a device, as a pure function (testable without a GPU).
+
+    ``capability``: the CUDA compute capability (None off CUDA). ``amp``: the override (the
+    ``amp`` argument or ``SWEEP_AMP``); False keeps fp32, True asks for mixed precision even on
+    CPUs whose bf16 is slow. ``torch.cuda.is_bf16_supported()`` is no guide: it is also true
+    on pre-Ampere GPUs, which emulate bf16 slowly.
+    """
+    if amp is False:
+        return Precision(None, False)
+    if device_type == "cuda":
+        if capability is not None and tuple(capability) >= (8, 0):
+            return Precision(torch.bfloat16, False)
+        return Precision(torch.float16, True)
+    use = cpu_fast_bf16 if amp is None else amp
+    return Precision(torch.bfloat16 if use else None, False)
+
+
+def choose_device(requested: str | None, cuda_available: bool, ray_gpus: list | None) -> str:
+    """``requested`` (an argument or ``SWEEP_DEVICE``) wins; otherwise CUDA when present, except
+    inside a Ray worker granted no GPU (``ray_gpus`` is None outside Ray)."""
+    if requested:
+        return requested
+    if ray_gpus is not None and not ray_gpus:
+        return "cpu"
+    return "cuda" if cuda_available else "cpu"
+
+
+def _ray_gpus() -> list | None:
+    """The GPUs Ray granted this task or actor; None outside a Ray worker (also in a driver,
+    where ``ray.get_gpu_ids()`` is always empty)."""
+    ray = sys.modules.get("ray")       # a Ray worker has imported ray; no import cost elsewhere
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        if ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+            return None
+        return list(ray.get_gpu_ids())
+    except Exception:   # an unexpected Ray version: keep the outside-Ray rule
+        return None
+
+
+def _cuda_capability(dev: torch.device) -> tuple[int, int] | None:
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(dev)
+
+
+def _amp_override(amp: bool | None) -> bool | None:
+    if amp is None and os.environ.get("SWEEP_AMP") in ("0", "1"):
+        return os.environ["SWEEP_AMP"] == "1"
+    return amp
+
 
 def pick_runtime(device: str | None = None, amp: bool | None = None) -> Runtime:
-    """The fastest sensible runtime: CUDA when present, bf16 where the hardware has it.
+    """The fastest sensible runtime (``choose_device`` and ``choose_precision``).
 
     ``device``/``amp`` override the choice; env ``SWEEP_DEVICE``, ``SWEEP_AMP=0|1`` and
     ``SWEEP_CHANNELS_LAST=0|1`` too.
     """
-    device = device or os.environ.get("SWEEP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if amp is None and os.environ.get("SWEEP_AMP") in ("0", "1"):
-        amp = os.environ["SWEEP_AMP"] == "1"
-    if dev.type == "cuda":
-        fast = torch.cuda.is_bf16_supported()
-    else:
-        fast = _cpu_has_fast_bf16()
-    use_amp = fast if amp is None else amp
+    requested = device or os.environ.get("SWEEP_DEVICE")
+    dev = torch.device(choose_device(requested, torch.cuda.is_available(), None if requested else _ray_gpus()))
+    fast_cpu = dev.type != "cuda" and _cpu_has_fast_bf16()
+    precision = choose_precision(dev.type, _cuda_capability(dev), fast_cpu, _amp_override(amp))
     # channels-last is faster on every device measured (docs/measurements.md)
     channels_last = os.environ.get("SWEEP_CHANNELS_LAST", "1") != "0"
-    return Runtime(device=dev, amp=torch.bfloat16 if use_amp else None, channels_last=channels_last)
+    return Runtime(device=dev, amp=precision.amp, channels_last=channels_last)
 
 
 def autocast(rt: Runtime):
     if rt.amp is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=rt.device.type, dtype=rt.amp)
+
+
+def grad_scaler(rt: Runtime) -> "torch.amp.GradScaler":
+    """Loss scaling for fp16 runtimes; a disabled scaler (plain backward and step) otherwise.
+
+    ``train`` uses it; its tests run fp16 autocast on the CPU, and no pre-Ampere GPU (where fp16
+    is picked) has run them. Loops of their own (DLP's FixMatch stage, the trigger and PGD
+    optimisations of TrojanNN, CLA and CheatKD) call ``autocast`` without a scaler yet.
+    """
+    return torch.amp.GradScaler(rt.device.type, enabled=rt.needs_scaler)
 
 
 def prepare(model: nn.Module, rt: Runtime) -> nn.Module:
@@ -215,6 +291,7 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
     data = on_device(data, rt)
     gen = generator(rt, seed)
     opt = make_sgd(params if params is not None else model.parameters(), cfg)
+    scaler = grad_scaler(rt)
     history = []
     for epoch in range(cfg.epochs):
         set_lr(opt, cfg.lr_at(epoch))
@@ -224,10 +301,12 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
             with autocast(rt):
                 loss, logs = loss_fn(model, _fmt(x, rt), y, idx)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.max_grad_norm is not None:
+                scaler.unscale_(opt)       # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], cfg.max_grad_norm)
-            opt.step()
+            scaler.step(opt)               # skips the step when fp16 gradients overflowed
+            scaler.update()
             stats.add({"loss": loss, **logs}, len(y))
         logs = epoch_logs(stats, epoch, opt, start)
         if on_epoch is not None:

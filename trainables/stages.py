@@ -33,7 +33,7 @@ from trainables.defenses.base import DefenseContext
 from trainables.engine import Runtime, SGDConfig, TrainingDiverged, pick_runtime, prepare, train
 from trainables.metrics import backdoor_metrics, der
 from trainables.models import build_model, list_models
-from trainables.params import ParamError, as_dict, make_params
+from trainables.params import ParamError, as_dict, frozen, make_params
 from trainables.rundir import (CheckpointError, load_model, load_model_file, load_state_dict,
                                model_spec, read_json, write_run_dir)
 from trainables.version import code_version
@@ -70,7 +70,7 @@ class AttackStageSpec:
 
     @property
     def sgd(self) -> SGDConfig:
-        return SGDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.train.items()})
+        return SGDConfig(**{k: frozen(v) for k, v in self.train.items()})
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from .splits import clean_subset
 
 __all__ = [
     "DataError", "Dataset", "ImageSet", "clean_subset", "load_dataset", "list_datasets",
-    "describe_datasets", "check_dataset_name",
+    "describe_datasets", "check_dataset_name", "check_dataset_folder", "absolute_dataset_name", "absolute_path",
 ]
 
 _DESCRIPTIONS = {
@@ -85,6 +85,37 @@ def check_dataset_name(name: str) -> str:
     if kind == "imagefolder" and arg is not None and not arg:
         raise DataError(f"dataset name {name!r} has an empty path: use imagefolder:<path>")
     return name.strip()
+
+
+def check_dataset_folder(name: str, root: str | os.PathLike | None = None) -> None:
+    """An ``imagefolder`` dataset's folder (``root`` for a bare ``imagefolder``) exists with its
+    train/ and test/ splits; other datasets pass (torchvision's download into their root). Cheap:
+    for checking a sweep's input before any work starts."""
+    kind, arg = _parse(check_dataset_name(name))
+    if kind != "imagefolder":
+        return
+    path = arg if arg is not None else root
+    if path is None or str(path) == "":
+        raise DataError("dataset 'imagefolder' needs a folder: use imagefolder:<path> (or pass the folder as the data root)")
+    from .imagefolder import check_folder
+
+    check_folder(path)
+
+
+def absolute_dataset_name(name: str, cwd: str | os.PathLike) -> str:
+    """``imagefolder:<relative path>`` made absolute against ``cwd`` (``~`` expanded), so that a
+    worker whose working directory differs reads the same folder; other names unchanged."""
+    if not isinstance(name, str):
+        return name
+    kind, sep, arg = name.strip().partition(":")
+    if kind.lower() != "imagefolder" or not sep or not arg:
+        return name
+    return f"{kind}:{absolute_path(arg, cwd)}"
+
+
+def absolute_path(path: str, cwd: str | os.PathLike) -> str:
+    """``path`` with ``~`` expanded, joined to ``cwd`` when relative (not resolved: links kept)."""
+    return os.path.normpath(os.path.join(cwd, os.path.expanduser(path)))
 
 
 def load_dataset(

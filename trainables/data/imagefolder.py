@@ -65,8 +65,8 @@ def _class_dirs(split_dir: Path) -> list[str]:
         raise DataError(f"cannot list image folder {split_dir}: {exc.strerror or exc}") from None
 
 
-def scan(path: str | os.PathLike) -> tuple[Path, tuple[str, ...], dict[str, list[tuple[str, str, int, int, int]]]]:
-    """Validate the tree and list its files: (root, classes, {split: [(abs, rel, size, mtime, label)]})."""
+def check_folder(path: str | os.PathLike) -> Path:
+    """The folder exists with train/ and test/ subfolders (no file is read); its absolute path."""
     root = Path(path).expanduser().absolute()
     layout = f"expected {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg"
     if not root.exists():
@@ -76,6 +76,13 @@ def scan(path: str | os.PathLike) -> tuple[Path, tuple[str, ...], dict[str, list
     for split in SPLITS:
         if not (root / split).is_dir():
             raise DataError(f"image folder {root} has no {split}/ subfolder ({layout})")
+    return root
+
+
+def scan(path: str | os.PathLike) -> tuple[Path, tuple[str, ...], dict[str, list[tuple[str, str, int, int, int]]]]:
+    """Validate the tree and list its files: (root, classes, {split: [(abs, rel, size, mtime, label)]})."""
+    root = check_folder(path)
+    layout = f"expected {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg"
     classes = _class_dirs(root / "train")
     if not classes:
         raise DataError(f"image folder {root}/train has no class folders ({layout})")
