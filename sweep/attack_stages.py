@@ -1,6 +1,10 @@
 """The sweep's attack stages: every distinct stage of the plan trained once, as Ray tasks (clean
 models first, then the attacks in parallel), through the content-addressed cache; each gets an
-MLflow child run of the sweep."""
+MLflow child run of the sweep.
+
+A task runs on any node. With a storage, it publishes the stage there and the driver reads it
+back through its own copy; Ray retries a task whose node was lost (``max_failures`` times) and
+the retry resumes from the stage's per-epoch checkpoint in the storage."""
 from __future__ import annotations
 
 import json
@@ -10,19 +14,20 @@ from sweep.context import SweepContext
 from sweep.plan import StagePlan
 
 
-def _attack_stage_task(spec_key: dict, cache_dir: str, data_root: str | None, epoch_eval_size: int,
-                       cpus: float) -> dict:
+def _attack_stage_task(spec_key: dict, cache_dir: str, storage: tuple[str | None, str | None],
+                       data_root: str | None, epoch_eval_size: int, cpus: float) -> dict:
     """A Ray task: one attack stage (trains it unless the cache holds it)."""
     import torch
 
-    from trainables.artifacts import ArtifactCache
     from trainables.stages import AttackStageSpec, run_attack_stage
+    from trainables.tune_trainable import stage_cache
 
     torch.set_num_threads(max(1, int(cpus or 1)))
     spec = AttackStageSpec(**{k: v for k, v in spec_key.items() if k != "stage"})
-    cached = ArtifactCache(cache_dir).lookup(spec.hash()) is not None
-    path = run_attack_stage(spec, cache_dir, data_root=data_root, epoch_eval_size=epoch_eval_size)
-    return {"path": str(path), "trained": not cached}
+    cache = stage_cache(cache_dir, *storage)
+    cached = cache.lookup(spec.hash()) is not None
+    run_attack_stage(spec, cache, data_root=data_root, epoch_eval_size=epoch_eval_size)
+    return {"trained": not cached}
 
 
 def run_attack_stages(ctx: SweepContext) -> None:
@@ -30,9 +35,8 @@ def run_attack_stages(ctx: SweepContext) -> None:
     not stop the others; a failed clean model stops the attacks that need it."""
     import ray
 
-    from trainables.artifacts import ArtifactCache
-
-    cfg, cache = ctx.cfg, ArtifactCache(ctx.cache_dir)
+    cfg, cache = ctx.cfg, ctx.cache()
+    storage = (ctx.storage.uri, ctx.storage.endpoint) if ctx.storage else (None, None)
     task = ray.remote(_attack_stage_task)
     for level in (0, 1):
         wave = [s for s in ctx.plan.stages if s.level == level]
@@ -45,8 +49,10 @@ def run_attack_stages(ctx: SweepContext) -> None:
                 _log_stage_run(ctx, s, Path(hit), trained=False)
                 continue
             refs[s.hash] = task.options(num_cpus=cfg.resources.attack_cpus, num_gpus=cfg.resources.attack_gpus,
-                                        name=f"attack-stage-{s.attack}-{s.hash[:8]}", max_retries=0).remote(
-                s.spec.key(), str(ctx.cache_dir), cfg.data_root, cfg.epoch_eval_size, cfg.resources.attack_cpus)
+                                        name=f"attack-stage-{s.attack}-{s.hash[:8]}",
+                                        max_retries=cfg.max_failures).remote(   # on node loss
+                s.spec.key(), str(ctx.cache_dir), storage, cfg.data_root, cfg.epoch_eval_size,
+                cfg.resources.attack_cpus)
         if refs:
             ctx.progress(f"attack stages: {len(refs)} to run ({', '.join(s.attack for s in wave if s.hash in refs)})")
         pending = dict(refs)
@@ -58,19 +64,26 @@ def run_attack_stages(ctx: SweepContext) -> None:
             try:
                 out = ray.get(done[0])
             except Exception as e:   # one attack stage failing must not stop the others
-                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                ctx.failed_stages[s.attack] = msg
-                ctx.progress(f"attack stage {s.attack} ({h[:8]}) FAILED: {msg}")
-                _log_stage_run(ctx, s, None, error=msg)
+                _stage_failed(ctx, s, str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
                 continue
-            ctx.stage_dirs[h] = out["path"]
+            path = cache.lookup(h)       # the task's node wrote it; with a storage, copied here now
+            if path is None:
+                _stage_failed(ctx, s, "the finished stage is not in the cache "
+                                      f"{cache.remote.uri if cache.remote else cache.root}")
+                continue
+            ctx.stage_dirs[h] = str(path)
             if out["trained"]:
                 ctx.trained_stages.append(h)
-            ctx.progress(f"attack stage {s.attack} ({h[:8]}) {'trained' if out['trained'] else 'cached'}: "
-                         f"{out['path']}")
-            _log_stage_run(ctx, s, Path(out["path"]), trained=out["trained"])
+            ctx.progress(f"attack stage {s.attack} ({h[:8]}) {'trained' if out['trained'] else 'cached'}: {path}")
+            _log_stage_run(ctx, s, path, trained=out["trained"])
         if level == 0 and ctx.failed_stages:
             break
+
+
+def _stage_failed(ctx: SweepContext, s: StagePlan, msg: str) -> None:
+    ctx.failed_stages[s.attack] = msg
+    ctx.progress(f"attack stage {s.attack} ({s.hash[:8]}) FAILED: {msg}")
+    _log_stage_run(ctx, s, None, error=msg)
 
 
 def _log_stage_run(ctx: SweepContext, s: StagePlan, path: Path | None, trained: bool = False,

@@ -3,23 +3,30 @@
 ``TrialLogger`` opens a child run of the sweep's parent run when a trial starts (or reattaches the
 run a crashed driver left, found by its ``ray_trial_id`` tag), logs each ``tune.report`` as
 per-epoch metrics (step = the defense's epoch counter), and closes the run FINISHED when the trial
-ends (tagging ``fully_trained``) or FAILED when it raises. It is pickled into the Tuner's state
+ends (tagging ``fully_trained`` and ``ray_node_id``, and logging its outputs as artifacts) or
+FAILED when it raises. Only the driver writes to MLflow: the trials' outputs reach it through the
+trials folder, or, with a storage, as Tune checkpoints (defense trials) and stored attack stages
+(attack trials), wherever the trial ran; one writer keeps the runs consistent with Tune's state
+after a crash and needs no tracking credentials on the workers. It is pickled into the Tuner's state
 (``Tuner.restore`` brings it back), so it holds only plain settings and opens its MLflow client
 lazily.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
 
 from sweep.tracking import Tracker, config_json, config_key, full_attack_params, full_defense_params
+from trainables.artifacts import ArtifactCache
 from trainables.job import TrialJob
+from trainables.storage import open_storage
 
 META_KEYS = {"step", "measured", "fully_trained", "final", "stage", "out_dir", "done", "history",
-             "attack_hash", "trial_id", "epoch"}
+             "attack_hash", "trial_id", "epoch", "node_id"}
 MEASURED_ONLY = {"ba", "asr", "ra", "der", "score"}
 ARTIFACT_FILES = ("model.pt", "spec.json", "metrics.json")
 
@@ -96,7 +103,9 @@ class TrialLogger(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
-        finish_trial_run(self.tracker, run_id, trial.last_result or {})
+        last = trial.last_result or {}
+        with trial_outputs(self.job, last, trial.checkpoint) as outputs:
+            finish_trial_run(self.tracker, run_id, last, outputs)
         self._runs.pop(trial.trial_id, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -120,17 +129,35 @@ def loggable(result: dict) -> dict:
     return out
 
 
-def finish_trial_run(tracker: Tracker, run_id: str, last: dict) -> None:
-    """Close a trial's run FINISHED, with ``fully_trained`` from its last result."""
+@contextlib.contextmanager
+def trial_outputs(job: TrialJob, last: dict, checkpoint) -> Iterator[Path | None]:
+    """A folder on the driver holding a finished trial's outputs, or None: the trial's folder
+    (one machine, or a shared mount), the stored attack stage (attack trials with a storage), or
+    its Tune checkpoint downloaded from the storage."""
+    out_dir = last.get("out_dir")
+    if job.storage_uri is None or not last.get("final"):
+        yield Path(out_dir) if out_dir and Path(out_dir).is_dir() else None
+    elif job.role == "attack" and last.get("attack_hash"):
+        remote = open_storage(job.storage_uri, job.storage_endpoint)
+        yield ArtifactCache(job.cache_dir, remote=remote).lookup(str(last["attack_hash"]))
+    elif checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            yield Path(d)
+    else:
+        yield None
+
+
+def finish_trial_run(tracker: Tracker, run_id: str, last: dict, outputs: Path | None) -> None:
+    """Close a trial's run FINISHED, with ``fully_trained`` from its last result, the node it ran
+    on, and its ``outputs`` folder's files as artifacts."""
     fully = bool(last.get("final") and last.get("fully_trained"))
-    tags = {"fully_trained": str(fully).lower()}
+    tags = {"fully_trained": str(fully).lower(), "ray_node_id": last.get("node_id")}
     if not fully:
         tags["stopped_early"] = "true"
     tracker.set_tags(run_id, tags)
-    out_dir = last.get("out_dir")
-    if fully and out_dir and Path(out_dir).is_dir():
-        tracker.log_artifacts(run_id, [Path(out_dir) / f for f in ARTIFACT_FILES], "model")
-        tracker.log_artifacts(run_id, [Path(out_dir) / "samples.png"])
+    if fully and outputs is not None:
+        tracker.log_artifacts(run_id, [outputs / f for f in ARTIFACT_FILES], "model")
+        tracker.log_artifacts(run_id, [outputs / "samples.png"])
     tracker.end(run_id, "FINISHED")
 
 

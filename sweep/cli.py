@@ -15,6 +15,7 @@ the rest); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -94,7 +95,7 @@ def cmd_train(args) -> int:
         sets["epochs"] = args.epochs
     spec = resolve_attack_stage(args.dataset, args.model, "none", {}, sets, args.seed)
     out = Path(args.out)
-    _build_attack_stage(spec, out, cache_dir=args.cache, data_root=args.data_root, rt=pick_runtime(args.device),
+    _build_attack_stage(spec, out, cache=args.cache, data_root=args.data_root, rt=pick_runtime(args.device),
                         progress=lambda m: _print(f"[train {spec.model} {spec.dataset}] {m}"),
                         epoch_eval_size=args.eval_size)
     _print(f"wrote {out / 'model.pt'}, {out / 'spec.json'}, {out / 'metrics.json'}")
@@ -163,11 +164,21 @@ def cmd_preset(argv: list[str]) -> int:
                    help="holds mlflow.db, the attack-stage cache, Ray results and reports (default ./sweep-runs)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="join an existing Ray cluster")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="join an existing Ray cluster (a head started with `ray start --head` needs "
+                        "RAY_AUTH_MODE=token here and on every node)")
+    p.add_argument("--storage", default=os.environ.get("SWEEP_STORAGE"),
+                   help="what the nodes share: a path every node mounts, or s3://bucket/prefix "
+                        "(the preset's storage.uri; default: the work directory)")
+    p.add_argument("--storage-endpoint", default=None,
+                   help="a self-hosted S3-compatible store's URL (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--optuna-storage", default=os.environ.get("SWEEP_OPTUNA_STORAGE"),
+                   help="an RDB URL (e.g. postgresql://...) for the Optuna studies, so that a lost head "
+                        "does not take them (default: the work directory's journal file)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from its storage")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the preset's)")
     args = p.parse_args(argv)
-    cfg = load_preset(args.preset, args.set)
+    cfg = load_preset(args.preset, [*args.set, *storage_overrides(args.storage, args.storage_endpoint)])
     if args.print_config:
         _print(format_config(cfg))
         return 0
@@ -178,7 +189,8 @@ def cmd_preset(argv: list[str]) -> int:
     from sweep.runner import run_sweep
 
     result = run_sweep(cfg, workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address,
-                       resume=args.resume, experiment=args.experiment, progress=_print)
+                       resume=args.resume, experiment=args.experiment, optuna_storage=args.optuna_storage,
+                       progress=_print)
     # the sweep's runs are closed and safe in MLflow; the report reads them back
     make_report(result.sweep_id, workdir=result.workdir, tracking_uri=result.tracking_uri,
                 experiment=result.experiment, progress=_print)
@@ -186,6 +198,11 @@ def cmd_preset(argv: list[str]) -> int:
         print(partial_message(result), file=sys.stderr)
         return EXIT_PARTIAL
     return 0
+
+
+def storage_overrides(uri: str | None, endpoint: str | None) -> list[str]:
+    """``--storage``/``--storage-endpoint`` as preset overrides (JSON-quoted: any path survives)."""
+    return [f"storage.{k}={json.dumps(v)}" for k, v in (("uri", uri), ("endpoint", endpoint)) if v]
 
 
 def partial_message(result) -> str:

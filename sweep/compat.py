@@ -17,17 +17,18 @@ def keep_local_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def tune_trial_states(grid) -> dict[str, tuple[str, dict]]:
-    """Trial id -> (Tune status, last result) of every trial a ``ResultGrid`` knows, including
-    trials that never finished (the public ``Result`` list holds only trials that reported)."""
+def tune_trial_states(grid) -> dict[str, tuple[str, dict, object]]:
+    """Trial id -> (Tune status, last result, latest checkpoint or None) of every trial a
+    ``ResultGrid`` knows, including trials that never finished (the public ``Result`` list holds
+    only trials that reported)."""
     states = {}
     analysis = getattr(grid, "_experiment_analysis", None)
     for trial in getattr(analysis, "trials", None) or []:
-        states[trial.trial_id] = (trial.status, trial.last_result or {})
+        states[trial.trial_id] = (trial.status, trial.last_result or {}, trial.checkpoint)
     for res in grid:   # public fallback: results that carry their trial id
         tid = (res.metrics or {}).get("trial_id")
         if tid and tid not in states:
-            states[tid] = ("ERROR" if res.error is not None else "TERMINATED", res.metrics or {})
+            states[tid] = ("ERROR" if res.error is not None else "TERMINATED", res.metrics or {}, res.checkpoint)
     return states
 
 

@@ -91,6 +91,15 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Where a sweep keeps what its nodes share (``trainables.storage``): None = the work
+    directory (one machine, or a mount every node sees)."""
+
+    uri: str | None            # a path, or s3://bucket/prefix
+    endpoint: str | None       # a self-hosted S3-compatible store's URL (default: AWS_ENDPOINT_URL)
+
+
+@dataclass(frozen=True)
 class RayConfig:
     num_cpus: int | None
     num_gpus: int | None
@@ -119,6 +128,7 @@ class SweepConfig:
     paper_table: str | None                  # sweep/paper_tables/<name>.yaml, shown beside ours
     selection: Selection
     ray: RayConfig
+    storage: StorageConfig
     overrides: tuple[str, ...]
     raw: str                                 # the normalised preset as JSON (see ``to_dict``)
 
@@ -131,9 +141,11 @@ class SweepConfig:
         return json.loads(self.raw)
 
     def config_hash(self) -> str:
-        """Identifies the experiment (everything but the description): resume matches on it."""
+        """Identifies the experiment (everything but the description and where it is stored):
+        resume matches on it."""
         d = self.to_dict()
         d.pop("description", None)
+        d.pop("storage", None)
         blob = json.dumps({"name": self.name, **d}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -1,5 +1,6 @@
 """What every phase of a running sweep shares: its config and plan, its state on disk, the MLflow
-tracker, the tags every run carries, and the attack stages as they become available."""
+tracker, the tags every run carries, the storage its nodes share, and the attack stages as they
+become available."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from sweep.plan import Plan
 from sweep.state import SweepState
 from sweep.tracking import Tracker
 from trainables import plugins
+from trainables.artifacts import ArtifactCache
+from trainables.storage import Storage
 from trainables.job import TrialJob
 
 
@@ -26,6 +29,8 @@ class SweepContext:
     stage_dirs: dict[str, str] = field(default_factory=dict)       # stage hash -> artifact dir
     trained_stages: list[str] = field(default_factory=list)        # hashes this driver trained
     failed_stages: dict[str, str] = field(default_factory=dict)    # attack -> error
+    storage: Storage | None = None          # what the nodes share; None: the work directory
+    optuna_storage: str | None = None       # an RDB URL for the Optuna studies; None: the journal
 
     @property
     def parent_run_id(self) -> str:
@@ -33,13 +38,31 @@ class SweepContext:
 
     @property
     def cache_dir(self) -> Path:
+        """The driver's attack-stage cache (with a storage: its local copy of the stored one)."""
         return self.workdir / "cache"
+
+    def cache(self) -> ArtifactCache:
+        return ArtifactCache(self.cache_dir, remote=self.storage)
+
+    def tune_storage(self) -> tuple[str, object]:
+        """(storage_path, storage_filesystem) of Tuner ``key``'s Ray Tune experiment: the sweep's
+        folder, or its place in the storage (where a new driver on another node finds it)."""
+        if self.storage is None:
+            return str(self.state.dir / "ray"), None
+        return self.storage.tune_storage(f"sweeps/{self.state.sweep_id}/ray")
+
+    def tune_experiment(self, key: str) -> tuple[str, object]:
+        """(path, filesystem) of Tuner ``key``'s experiment folder, for ``Tuner.can_restore``."""
+        path, fs = self.tune_storage()
+        return f"{path}/{key}", fs
 
     def job(self, **what) -> TrialJob:
         """A trial job with this sweep's settings; ``what`` says what its Tuner runs."""
         cfg = self.cfg
         return TrialJob(role="defense" if cfg.kind == "defense" else "attack",
-                        trials_dir=str(self.state.dir / "trials"), seed=cfg.seed,
+                        trials_dir=str(self.state.dir / "trials"), cache_dir=str(self.cache_dir),
+                        storage_uri=self.storage.uri if self.storage else None,
+                        storage_endpoint=self.storage.endpoint if self.storage else None, seed=cfg.seed,
                         clean_fraction=cfg.clean_fraction, data_root=cfg.data_root,
                         epoch_eval_size=cfg.epoch_eval_size, cpus=cfg.resources.cpus,
                         objectives=tuple(m for m, _ in cfg.search.objectives),

@@ -53,7 +53,7 @@ def _attack_stage_settings(ctx: SweepContext, attack: str) -> AttackStageSetting
     if ctx.cfg.kind != "attack":
         return None
     return AttackStageSettings(dataset=ctx.cfg.attack(attack).dataset, model=ctx.cfg.model,
-                               train=ctx.cfg.attack_train, cache_dir=str(ctx.cache_dir))
+                               train=ctx.cfg.attack_train)
 
 
 def _one_line(e: BaseException) -> str:
@@ -118,7 +118,7 @@ def run_searched_pairs(ctx: SweepContext) -> None:
                       attack_stage=settings)
         ctx.progress(f"[{pair.key}] {pair.num_samples} trials, {ctx.cfg.search.sampler} on "
                      f"{', '.join(dists)} (Optuna study {study!r})")
-        _fit(ctx, pair.key, job, {pair.key: None}, make_searcher(ctx.cfg, pair, study, ctx.workdir, index),
+        _fit(ctx, pair.key, job, {pair.key: None}, make_searcher(ctx.cfg, pair, study, ctx.workdir, index, ctx.optuna_storage),
              pair.num_samples)
 
 

@@ -39,7 +39,8 @@ Preset fields (defaults in brackets; ``sweep.schema.DEFAULTS``)::
       early_stopping: {enabled: false, grace_period: 2, reduction_factor: 3}   ASHA on ba - asr
       cross_check: true                evaluate each attack's best config on the other attacks
     resources: {cpus: 1, gpus: 0, attack_cpus: null, attack_gpus: null}  per trial / attack stage
-    max_failures: 0                    Tune retries of a failed trial
+    max_failures: 0                    Tune's retries of a failed trial, and Ray's of an attack
+                                       stage whose node was lost (-1: no limit)
     paper_table: null                  a paper's table (sweep/paper_tables/<name>.yaml: nba_table2,
                                        dlp_table3, cheatkd_table2) whose layout the report uses
                                        and whose numbers it shows beside ours
@@ -50,6 +51,10 @@ Preset fields (defaults in brackets; ``sweep.schema.DEFAULTS``)::
       ``ba_metric`` is within ``ba_tolerance`` points of the best; best_metric: the best
       ``metric`` regardless of BA; max_der: highest DER.
     ray: {num_cpus: null, num_gpus: null, object_store_mb: 512}   a LOCAL Ray's size
+    storage: {uri: null, endpoint: null}   what the nodes share (attack-stage cache, trial
+                                       outputs, Ray Tune's state): null = the work directory;
+                                       a path every node mounts, or s3://bucket/prefix (endpoint:
+                                       a self-hosted S3-compatible store's URL). ``--storage``
 """
 from __future__ import annotations
 
@@ -63,7 +68,7 @@ import yaml
 
 from sweep import schema
 from sweep.config import (DEFENSE_METRICS, KINDS, RULES, SAMPLERS, AttackEntry, DefenseEntry, EarlyStopping,
-                          RayConfig, Resources, SearchConfig, Selection, SweepConfig)
+                          RayConfig, Resources, SearchConfig, Selection, StorageConfig, SweepConfig)
 from sweep.errors import ConfigError
 from sweep.spaces import Dist
 from sweep.validate import checked_params, method_class, resolve_space, typed
@@ -123,6 +128,9 @@ def absolute_paths(d: dict, cwd: str | Path) -> dict:
     for entry in (d.get("attacks") or {}).values():
         if isinstance(entry, dict) and entry.get("dataset"):
             entry["dataset"] = absolute_dataset_name(entry["dataset"], cwd)
+    storage = d.get("storage")
+    if isinstance(storage, dict) and isinstance(storage.get("uri"), str) and "://" not in storage["uri"]:
+        storage["uri"] = absolute_path(storage["uri"], cwd)
     return d
 
 
@@ -157,7 +165,7 @@ def build_config(name: str, source: str, d: dict, overrides: tuple[str, ...]) ->
         attacks=attacks, defenses=defenses, search=search, resources=_resources(d["resources"]),
         max_failures=typed("max_failures", d["max_failures"], int, low=-1),
         paper_table=_paper_table(d["paper_table"], kind), selection=selection, ray=_ray(d["ray"]),
-        overrides=overrides, raw=json.dumps(d))
+        storage=_storage(d["storage"]), overrides=overrides, raw=json.dumps(d))
 
 
 def _search(s: dict, kind: str) -> SearchConfig:
@@ -222,6 +230,22 @@ def _selection(sel: dict, search: SearchConfig, kind: str) -> Selection:
         if kind == "defense" and m not in DEFENSE_METRICS:
             raise ConfigError(f"selection: unknown metric {m!r}; known: {', '.join(DEFENSE_METRICS)}")
     return selection
+
+
+def _storage(sc: dict) -> StorageConfig:
+    """The URI's form is checked here; whether it answers, at the sweep's start (preflight)."""
+    from trainables.storage import StorageError, open_storage
+
+    uri = typed("storage.uri", sc["uri"], str, optional=True)
+    endpoint = typed("storage.endpoint", sc["endpoint"], str, optional=True)
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"storage.endpoint: expected an http:// or https:// URL, got {endpoint!r}")
+    if uri is not None:
+        try:
+            uri = open_storage(uri, endpoint).uri
+        except StorageError as e:
+            raise ConfigError(f"storage.uri: {e}") from None
+    return StorageConfig(uri=uri, endpoint=endpoint)
 
 
 def _ray(rc: dict) -> RayConfig:

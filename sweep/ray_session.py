@@ -27,6 +27,8 @@ LOCAL_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 WORKER_ENV = ("SWEEP_DATA_ROOT", "SWEEP_CACHE_DIR", "SWEEP_DEVICE", "SWEEP_AMP", "SWEEP_CHANNELS_LAST",
               "SWEEP_PLUGINS")
 PATH_ENV = ("SWEEP_DATA_ROOT", "SWEEP_CACHE_DIR")
+# read by the trainables too, but each node's own (a folder on its local disk): never forwarded
+NODE_ENV = ("SWEEP_LOCAL_CACHE",)
 
 
 def worker_env(environ: dict, cwd: str) -> dict[str, str]:

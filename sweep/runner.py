@@ -12,8 +12,14 @@ Work directory (``--workdir``, default ``./sweep-runs``)::
     sweeps/<sweep_id>/trials/<id>/ each trial's model.pt / spec.json / metrics.json
     sweeps/<sweep_id>/report/      best_configs.yaml, report.md, CSV tables, plots
 
-On a cluster the work directory must be on storage every node sees (NFS), or the cache and the
-trial outputs will not be found by the driver and the other workers.
+On a cluster whose nodes share no disk, ``--storage`` (the preset's ``storage.uri``: an
+``s3://bucket/prefix``, or a folder every node mounts) holds what the nodes share: the attack-stage
+cache (``cache/``, each node keeps a local copy), the Tune experiments and trial outputs
+(``sweeps/<id>/ray/``), a mirror of ``sweep.json`` (a driver on another node resumes from it) and
+the attack stages' epoch checkpoints (``.checkpoints/``). ``--optuna-storage`` puts the studies in
+an RDB (PostgreSQL), and an MLflow tracking server (``--tracking-uri http://...``) keeps the runs
+and artifacts: then nothing the sweep needs lives only on the head node. The driver is MLflow's
+one writer either way.
 
 How a sweep ends (``SweepResult.status``; sweep.json ``status``; the parent run's ``status`` tag):
 
@@ -25,7 +31,8 @@ How a sweep ends (``SweepResult.status``; sweep.json ``status``; the parent run'
 * KILLED (Ctrl-C, SIGTERM) and FAILED (the driver raised): ``--resume`` continues.
 
 Before any of it, ``preflight`` checks what would otherwise fail later, deep in a worker: the
-tracking server answers, and every image-folder dataset exists.
+tracking server answers, the storage and the Optuna RDB open, and every image-folder dataset
+exists.
 """
 from __future__ import annotations
 
@@ -66,10 +73,12 @@ class SweepResult:
 
 def run_sweep(cfg: SweepConfig, *, workdir: str | Path = "sweep-runs", tracking_uri: str | None = None,
               address: str | None = None, resume: bool | str = False, experiment: str | None = None,
-              progress: Callable[[str], None] = print) -> SweepResult:
-    """Run (or with ``resume`` continue) the sweep ``cfg`` describes; see the module docstring."""
-    preflight(cfg, tracking_uri)
-    ctx = _open(cfg, Path(workdir).expanduser().resolve(), tracking_uri, resume, experiment, progress)
+              optuna_storage: str | None = None, progress: Callable[[str], None] = print) -> SweepResult:
+    """Run (or with ``resume`` continue) the sweep ``cfg`` describes; see the module docstring.
+    ``optuna_storage``: an RDB URL for the studies (default: the work directory's journal)."""
+    storage = preflight(cfg, tracking_uri, optuna_storage)
+    ctx = _open(cfg, Path(workdir).expanduser().resolve(), tracking_uri, resume, experiment, progress,
+                storage=storage, optuna_storage=optuna_storage)
     result = SweepResult(ctx.state.sweep_id, ctx.state.dir, ctx.workdir, ctx.tracker.uri, ctx.tracker.experiment_name,
                          ctx.tracker.experiment_id, ctx.parent_run_id, "RUNNING")
     status = "FAILED"
@@ -101,11 +110,24 @@ def run_sweep(cfg: SweepConfig, *, workdir: str | Path = "sweep-runs", tracking_
     return result
 
 
-def preflight(cfg: SweepConfig, tracking_uri: str | None) -> None:
+def preflight(cfg: SweepConfig, tracking_uri: str | None, optuna_storage: str | None = None):
     """What would fail later, deep in a worker or after MLflow's retries, fails now with one
-    ``ConfigError`` naming it, before any directory, run or Ray exists."""
+    ``ConfigError`` naming it, before any directory, run or Ray exists. Returns the sweep's
+    shared storage (None: the work directory)."""
+    from sweep.searchers import check_study_storage
+    from trainables.storage import StorageError, open_storage
+
     check_dataset_folders(cfg)
     check_server(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    check_study_storage(optuna_storage)
+    if not cfg.storage.uri:
+        return None
+    try:
+        storage = open_storage(cfg.storage.uri, cfg.storage.endpoint)
+        storage.check()
+    except StorageError as e:
+        raise ConfigError(f"storage.uri: {e}") from None
+    return storage
 
 
 def check_dataset_folders(cfg: SweepConfig) -> None:
@@ -121,21 +143,37 @@ def check_dataset_folders(cfg: SweepConfig) -> None:
 
 
 def _open(cfg: SweepConfig, workdir: Path, tracking_uri: str | None, resume: bool | str,
-          experiment: str | None, progress: Callable[[str], None]) -> SweepContext:
+          experiment: str | None, progress: Callable[[str], None], storage=None,
+          optuna_storage: str | None = None) -> SweepContext:
     """The sweep's state (new, or the one to resume), its tracker and its MLflow parent run."""
+    from sweep.searchers import redact
     from trainables.version import code_version
 
     workdir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(workdir, tracking_uri)
+    if storage is not None and resume:
+        copied = SweepState.pull(storage, workdir)
+        if copied:
+            progress(f"copied {copied} sweep state(s) from {storage.url('sweeps')}")
     state = SweepState.to_resume(workdir, cfg, resume) if resume else SweepState.create(cfg, workdir)
+    state.storage = storage
+    studies = redact(optuna_storage) if optuna_storage else "journal"
+    if resume and state.data.get("optuna_storage", "journal") != studies:
+        raise ConfigError(f"--optuna-storage: sweep {state.sweep_id} keeps its Optuna studies in "
+                          f"{state.data.get('optuna_storage', 'journal')}, not {studies}; resume it with the same "
+                          "--optuna-storage (the studies hold what the searches learnt)")
+    if storage is not None and not storage.is_local and not uri.startswith(("http://", "https://")):
+        progress(f"note: the MLflow store {uri} and its artifacts stay on this node; on a cluster, a tracking "
+                 "server (--tracking-uri http://...) keeps them off the head node too")
     experiment = experiment or state.data.get("experiment") or cfg.name
     plan = make_plan(cfg)
     tracker = Tracker(uri, experiment, workdir)
-    state.data.update(experiment=experiment, tracking_uri=uri, status="running")
+    state.data.update(experiment=experiment, tracking_uri=uri, status="running", optuna_storage=studies)
     state.save()
     base_tags = {"sweep_id": state.sweep_id, "preset": cfg.name, "dataset": cfg.dataset, "model": cfg.model,
                  "seed": cfg.seed, "code_version": code_version()}
-    ctx = SweepContext(cfg, plan, state, workdir, tracker, base_tags, progress)
+    ctx = SweepContext(cfg, plan, state, workdir, tracker, base_tags, progress, storage=storage,
+                       optuna_storage=optuna_storage)
     parent = state.data.get("parent_run_id")
     if parent:
         tracker.reopen(parent)

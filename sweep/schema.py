@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "selection": {"rule": "bound", "bound": 10.0, "ba_tolerance": 2.0, "metric": None, "mode": None,
                   "ba_metric": None},
     "ray": {"num_cpus": None, "num_gpus": None, "object_store_mb": 512},
+    "storage": {"uri": None, "endpoint": None},
 }
 
 # per-method entry of ``attacks`` / ``defenses``

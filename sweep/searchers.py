@@ -1,7 +1,7 @@
 """Optuna inside Ray Tune: the searcher of every searched (attack, defense) pair.
 
 Each pair gets its own named study (``<sweep_id>:<attack>:<defense>``) in the work directory's
-journal file, both objectives, and the paper default as its first trial. Ray's ``OptunaSearch``
+journal file (or an RDB, ``--optuna-storage``), both objectives, and the paper default as its first trial. Ray's ``OptunaSearch``
 tells Optuna that a trial a Tune scheduler stopped early COMPLETED, with its partial metrics: an
 undertrained model (low ASR, low BA) then looks Pareto-optimal and steers the sampler.
 ``FullyTrainedOptunaSearch`` tells such trials PRUNED instead; only trials whose last report says
@@ -49,13 +49,60 @@ def journal(workdir: Path):
     return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
 
-def make_searcher(cfg: SweepConfig, pair: PairPlan, study_name: str, workdir: Path, index: int):
+def study_storage(workdir: Path, url: str | None = None):
+    """The Optuna storage of a sweep's studies: the RDB at ``url`` (a cluster's: a lost head
+    node does not take it), else the work directory's journal file."""
+    if url:
+        from optuna.storages import RDBStorage
+
+        return RDBStorage(sqlalchemy_url(url))
+    return journal(workdir)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """``postgresql://`` names psycopg 3 in SQLAlchemy 2; with only psycopg2 installed (this
+    package's ``test`` extra), use that driver rather than fail on the missing module."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+def check_study_storage(url: str | None) -> None:
+    """An RDB URL given for the studies answers (connects, tables created), or one SweepError."""
+    if not url:
+        return
+    from sweep.errors import SweepError
+
+    try:
+        study_storage(Path("."), url)
+    except Exception as e:
+        raise SweepError(f"--optuna-storage {redact(url)}: cannot open it "
+                         f"({' '.join(str(e).split())[:300]})") from None
+
+
+def redact(url: str) -> str:
+    """``url`` with its password hidden (what sweep.json and the log may show)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<an unparsable URL>"
+
+
+def make_searcher(cfg: SweepConfig, pair: PairPlan, study_name: str, workdir: Path, index: int,
+                  storage_url: str | None = None):
     """OptunaSearch on the pair's space: both objectives, the paper default first, a named study
-    in the workdir's journal; trials stopped early are told PRUNED."""
+    in the workdir's journal (or the RDB at ``storage_url``); trials stopped early are told
+    PRUNED."""
     metrics = [m for m, _ in cfg.search.objectives]
     modes = [d for _, d in cfg.search.objectives]
     dists = {d.name: d for d in pair.space}
     return FullyTrainedOptunaSearch(
         space=optuna_space(dists), metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=[first_point(dists)],
-        sampler=_sampler(cfg, index, pair.num_samples), study_name=study_name, storage=journal(workdir))
+        sampler=_sampler(cfg, index, pair.num_samples), study_name=study_name,
+        storage=study_storage(workdir, storage_url))

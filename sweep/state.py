@@ -4,7 +4,9 @@ It holds the normalised config (and its hash), the overrides, the MLflow experim
 run, the status (running | finished | partial | failed | killed), the phase of every Tuner
 (started | done | failed | skipped), what failed in each failed Tuner (``failures``: Tuner key ->
 {pair key: why}, what ``--resume`` redoes) and the cross-check cases once chosen. Written
-atomically.
+atomically; with a storage (``--storage``) every save is mirrored to
+``sweeps/<sweep_id>/sweep.json`` there, so that ``--resume`` works from a driver on another node
+(:meth:`SweepState.pull`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,11 @@ from sweep.errors import SweepError
 class SweepState:
     def __init__(self, path: Path, data: dict):
         self.path, self.data = path, data
+        self.storage = None     # a trainables.storage.Storage to mirror every save to
+
+    @property
+    def stored_key(self) -> str:
+        return f"sweeps/{self.sweep_id}/sweep.json"
 
     @property
     def sweep_id(self) -> str:
@@ -34,6 +41,8 @@ class SweepState:
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=str))
         os.replace(tmp, self.path)
+        if self.storage is not None:
+            self.storage.write_text(self.stored_key, self.path.read_text())
 
     def phase(self, key: str) -> str | None:
         return self.data["phases"].get(key)
@@ -78,6 +87,23 @@ class SweepState:
             "crosscheck_cases": {}})
         state.save()
         return state
+
+    @classmethod
+    def pull(cls, storage, workdir: Path) -> int:
+        """Copy into ``workdir`` the stored sweep states it lacks or holds older copies of (a new
+        driver resuming a sweep another node's driver ran); returns how many it copied."""
+        copied = 0
+        for rel in storage.list_files("sweeps"):
+            if not rel.endswith("/sweep.json") or rel.count("/") != 1:
+                continue
+            text = storage.read_text(f"sweeps/{rel}")
+            local = workdir / "sweeps" / rel
+            if local.is_file() and local.read_text() == text:
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_text(text)
+            copied += 1
+        return copied
 
     @classmethod
     def load(cls, path: Path) -> "SweepState":

@@ -2,17 +2,17 @@
 its MLflow runs with Tune's final state so that nothing stays RUNNING.
 
 A Tuner runs a ``TrialJob``: its fixed cases (a grid over their indices) or its searcher's
-proposals. Its Ray Tune experiment lives in ``sweeps/<id>/ray/<key>`` and its phase in the
+proposals. Its Ray Tune experiment lives in ``sweeps/<id>/ray/<key>`` (in the work directory,
+or in the storage) and its phase in the
 sweep's state (started, then done; ``sweep.phases`` marks it failed), which is what ``--resume``
 reads. A failed Tuner is started afresh, its old directory set aside as ``<key>.failed-<time>``.
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from sweep import compat
-from sweep.callbacks import fail_trial_run, finish_trial_run, loggable
+from sweep.callbacks import fail_trial_run, finish_trial_run, loggable, trial_outputs
 from sweep.context import SweepContext
 from trainables.job import CASE_KEY, TrialJob
 
@@ -44,7 +44,8 @@ def _new_tuner(ctx: SweepContext, key: str, job: TrialJob, searcher, num_samples
         param_space = {}
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                   max_concurrent_trials=cfg.search.max_concurrent or None, reuse_actors=False)
-    run_config = tune.RunConfig(name=key, storage_path=str(ctx.state.dir / "ray"),
+    storage_path, storage_fs = ctx.tune_storage()
+    run_config = tune.RunConfig(name=key, storage_path=storage_path, storage_filesystem=storage_fs,
                                 callbacks=[ctx.trial_logger(job, key, **_tags(job))],
                                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures, fail_fast=False),
                                 verbose=1)
@@ -61,13 +62,14 @@ def run_tuner(ctx: SweepContext, key: str, job: TrialJob, searcher=None, num_sam
     """Fit the Tuner ``key`` (restoring it if an earlier driver started it); then reconcile."""
     from ray import tune
 
-    state, exp_dir = ctx.state, ctx.state.dir / "ray" / key
+    state = ctx.state
+    exp_dir, fs = ctx.tune_experiment(key)
     if state.phase(key) == "failed":
-        _set_aside(exp_dir)
-    if state.phase(key) == "started" and tune.Tuner.can_restore(str(exp_dir)):
+        _set_aside(exp_dir, fs)
+    if state.phase(key) == "started" and tune.Tuner.can_restore(exp_dir, storage_filesystem=fs):
         ctx.progress(f"[{key}] resuming the interrupted Tuner from {exp_dir}")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(ctx, job), resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(exp_dir, trainable=_trainable(ctx, job), resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False, storage_filesystem=fs)
     else:
         if state.phase(key) == "started":
             ctx.progress(f"[{key}] the interrupted Tuner saved no state yet: starting it again")
@@ -75,17 +77,20 @@ def run_tuner(ctx: SweepContext, key: str, job: TrialJob, searcher=None, num_sam
         tuner = _new_tuner(ctx, key, job, searcher, num_samples)
         state.set_phase(key, "started")
     grid = tuner.fit()
-    if reconcile(ctx, key, grid):
+    if reconcile(ctx, key, grid, job):
         # Tune returns normally when interrupted (Ctrl-C): stop the sweep, resumable
         raise KeyboardInterrupt(f"[{key}] interrupted; continue with --resume")
     state.set_phase(key, "done")
     return grid
 
 
-def _set_aside(exp_dir: Path) -> None:
+def _set_aside(exp_dir: str, fs) -> None:
     """A failed Tuner is run afresh; its Tune directory stays beside, for its error files."""
-    if exp_dir.exists():
-        exp_dir.rename(exp_dir.with_name(f"{exp_dir.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}"))
+    import pyarrow.fs
+
+    fs = fs or pyarrow.fs.LocalFileSystem()
+    if fs.get_file_info(exp_dir).type != pyarrow.fs.FileType.NotFound:
+        fs.move(exp_dir, f"{exp_dir}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def finished_cases(grid) -> list[int | None]:
@@ -97,27 +102,29 @@ def finished_cases(grid) -> list[int | None]:
 def can_restore(ctx: SweepContext, key: str) -> bool:
     from ray import tune
 
-    return tune.Tuner.can_restore(str(ctx.state.dir / "ray" / key))
+    exp_dir, fs = ctx.tune_experiment(key)
+    return tune.Tuner.can_restore(exp_dir, storage_filesystem=fs)
 
 
-def reconcile(ctx: SweepContext, key: str, grid) -> int:
+def reconcile(ctx: SweepContext, key: str, grid, job: TrialJob) -> int:
     """Every run of the Tuner's trials closed to match Tune's final state: a crashed driver's
     trial that finished unseen gets FINISHED and its final metrics, one that errored FAILED; runs
     of trials that did not finish (an interrupted Tuner) or that Tune no longer knows are KILLED.
     Returns the number of unfinished trials."""
     tracker = ctx.tracker
     by_trial = compat.tune_trial_states(grid)
-    unfinished = sum(1 for status, _ in by_trial.values() if status not in ("TERMINATED", "ERROR"))
+    unfinished = sum(1 for status, _, _ in by_trial.values() if status not in ("TERMINATED", "ERROR"))
     for run in tracker.runs(ctx.state.sweep_id, pair=key):
         if run.info.status != "RUNNING":
             continue
-        status, last = by_trial.get(run.data.tags.get("ray_trial_id"), (None, {}))
+        status, last, checkpoint = by_trial.get(run.data.tags.get("ray_trial_id"), (None, {}, None))
         if status == "ERROR":
             fail_trial_run(tracker, run.info.run_id, "trial failed (see its Ray Tune trial directory)")
         elif status == "TERMINATED":
             if last.get("final"):
                 tracker.log_metrics(run.info.run_id, loggable(last), step=int(last.get("step", 0) or 0))
-            finish_trial_run(tracker, run.info.run_id, last)
+            with trial_outputs(job, last, checkpoint) as outputs:
+                finish_trial_run(tracker, run.info.run_id, last, outputs)
         else:
             tracker.end(run.info.run_id, "KILLED")
     return unfinished

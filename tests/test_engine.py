@@ -37,6 +37,62 @@ def test_training_is_seeded_and_reproducible(synthetic):
     assert not torch.equal(a, c)
 
 
+class MemoryCheckpoint:
+    """An in-memory ``EpochCheckpoint`` that round-trips through ``torch.save``/``weights_only``,
+    as a stored one does."""
+
+    def __init__(self):
+        self.blob, self.saves = None, 0
+
+    def load(self):
+        import io
+        return None if self.blob is None else torch.load(io.BytesIO(self.blob), weights_only=True)
+
+    def save(self, state):
+        import io
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self.blob, self.saves = buf.getvalue(), self.saves + 1
+
+
+def test_a_run_stopped_mid_way_resumes_from_its_checkpoint_to_the_same_weights(synthetic):
+    """A run killed after epoch 2 of 3 and retried from its checkpoint ends with the very weights
+    (and history) of a run never stopped: same batches, same augmentation, same optimiser state."""
+    small = synthetic.train.subset(torch.arange(192))
+    cfg = SGDConfig(epochs=3, lr=0.05, batch_size=64)
+
+    def fresh():
+        torch.manual_seed(3)
+        return prepare(build_model("wrn-16-1", 10, synthetic.mean, synthetic.std), RT)
+
+    def weights(m):
+        return torch.cat([t.detach().float().flatten() for t in m.state_dict().values()])
+
+    whole = fresh()
+    whole_history = train(whole, small, cfg, RT, seed=5)
+
+    class NodeLost(Exception):
+        pass
+
+    def die_after_two(epoch, logs):
+        if epoch == 2:
+            raise NodeLost
+
+    ckpt, stopped = MemoryCheckpoint(), fresh()
+    with pytest.raises(NodeLost):
+        train(stopped, small, cfg, RT, seed=5, checkpoint=ckpt, on_epoch=die_after_two)
+    assert ckpt.saves == 1 and ckpt.load()["epoch"] == 1
+    torch.manual_seed(123)                  # the retry runs in another process: other global RNG
+    retried = fresh()
+    lines = []
+    history = train(retried, small, cfg, RT, seed=5, checkpoint=ckpt, progress=lines.append)
+    assert lines[0] == "resuming from the checkpoint after epoch 1/3"
+    assert ckpt.saves == 3 and len(history) == 3
+    assert [h["loss"] for h in history] == [h["loss"] for h in whole_history]
+    assert torch.equal(weights(retried), weights(whole))
+    assert not torch.equal(weights(fresh()), weights(whole))
+
+
 def test_max_grad_norm_bounds_every_step(synthetic):
     """A clipped run moves the weights by at most lr × max_norm per step (plain SGD, no momentum
     or decay); the unclipped run of the same seed moves them much further."""

@@ -162,7 +162,7 @@ def test_a_paper_table_of_the_wrong_kind_or_name_is_refused():
 # ============================================================================ the trial job
 
 def _job(**what):
-    return TrialJob(role="defense", trials_dir="/t", seed=0, clean_fraction=0.05, data_root=None,
+    return TrialJob(role="defense", trials_dir="/t", cache_dir="/c", seed=0, clean_fraction=0.05, data_root=None,
                     epoch_eval_size=100, cpus=1, objectives=("asr", "ba"), **what)
 
 
@@ -237,7 +237,7 @@ def test_ctrl_c_and_sigterm_stop_the_sweep_instead_of_one_tuner():
 # ============================================================================ the workers' environment
 
 def test_workers_get_the_driver_settings_the_trainables_read():
-    from sweep.ray_session import WORKER_ENV, worker_env
+    from sweep.ray_session import worker_env
 
     environ = {"SWEEP_DATA_ROOT": "data", "SWEEP_CACHE_DIR": "/abs/cache", "SWEEP_AMP": "0",
                "SWEEP_DEVICE": "cpu", "SWEEP_PLUGINS": "my_plugin", "SWEEP_CHANNELS_LAST": "",
@@ -250,10 +250,10 @@ def test_workers_get_the_driver_settings_the_trainables_read():
 
 def test_every_variable_the_trainables_read_reaches_the_workers():
     """A new ``os.environ`` read in trainables/ must join ``WORKER_ENV`` (or a worker on another
-    node silently runs without it)."""
+    node silently runs without it), or be one of a node's own settings (``NODE_ENV``)."""
     import re
 
-    from sweep.ray_session import WORKER_ENV
+    from sweep.ray_session import NODE_ENV, WORKER_ENV
 
     read = set()
     for f in (ROOT / "trainables").rglob("*.py"):
@@ -261,4 +261,5 @@ def test_every_variable_the_trainables_read_reaches_the_workers():
         read |= set(re.findall(r"environ(?:\.get)?\(?\[?\s*[\"'](SWEEP_[A-Z_]+)", text))
         read |= set(re.findall(r"getenv\(\s*[\"'](SWEEP_[A-Z_]+)", text))
         read |= set(re.findall(r"^ENV = [\"'](SWEEP_[A-Z_]+)", text, re.M))
-    assert read and read <= set(WORKER_ENV), read - set(WORKER_ENV)
+    assert read and read <= set(WORKER_ENV) | set(NODE_ENV), read - set(WORKER_ENV) - set(NODE_ENV)
+    assert not set(WORKER_ENV) & set(NODE_ENV)

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -281,19 +281,27 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
           loss_fn: LossFn = cross_entropy_loss, augment: bool = True,
           params: Iterable[torch.nn.Parameter] | None = None,
           on_epoch: EpochHook | None = None, progress: Callable[[str], None] | None = None,
-          train_mode: bool = True) -> list[dict]:
+          train_mode: bool = True, checkpoint: EpochCheckpoint | None = None) -> list[dict]:
     """Train ``model`` in place for ``cfg.epochs`` epochs; return the per-epoch history.
 
     ``loss_fn`` returns the loss to minimise and a dict of terms to average and log.
     ``on_epoch(epoch, logs)`` runs after every epoch (evaluation, reporting); what it returns is
     merged into that epoch's history entry. ``params`` restricts what the optimiser updates.
+    ``checkpoint`` saves the loop's whole state after every epoch and, when it holds one, resumes
+    from it: a run retried after a lost node continues where it stopped, on the same batches.
     """
     data = on_device(data, rt)
     gen = generator(rt, seed)
     opt = make_sgd(params if params is not None else model.parameters(), cfg)
     scaler = grad_scaler(rt)
-    history = []
-    for epoch in range(cfg.epochs):
+    history: list[dict] = []
+    first = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        first, history = restore_loop(saved, model, opt, scaler, gen)
+        if progress is not None:
+            progress(f"resuming from the checkpoint after epoch {first}/{cfg.epochs}")
+    for epoch in range(first, cfg.epochs):
         set_lr(opt, cfg.lr_at(epoch))
         model.train(train_mode)
         stats, start = EpochStats(), time.perf_counter()
@@ -312,10 +320,41 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
         if on_epoch is not None:
             logs.update(on_epoch(epoch + 1, logs) or {})
         history.append(logs)
+        if checkpoint is not None:
+            checkpoint.save(loop_state(epoch + 1, history, model, opt, scaler, gen))
         if progress is not None:
             progress(format_epoch(logs, cfg.epochs))
     model.eval()
     return history
+
+
+class EpochCheckpoint(Protocol):
+    """Where ``train`` keeps its state between epochs (a file, an object in the storage)."""
+
+    def load(self) -> dict | None: ...
+
+    def save(self, state: dict) -> None: ...
+
+
+def loop_state(epoch: int, history: list[dict], model: nn.Module, opt: torch.optim.Optimizer,
+               scaler, gen: torch.Generator) -> dict:
+    """Everything the loop needs to go on after ``epoch`` epochs exactly as if never stopped:
+    weights, optimiser and scaler, the batch generator and the global RNG (plain tensors and
+    numbers, so ``torch.load(weights_only=True)`` reads it)."""
+    return {"epoch": epoch, "history": history, "model": model.state_dict(), "opt": opt.state_dict(),
+            "scaler": scaler.state_dict(), "gen": gen.get_state(), "rng": torch.get_rng_state()}
+
+
+def restore_loop(state: dict, model: nn.Module, opt: torch.optim.Optimizer, scaler,
+                 gen: torch.Generator) -> tuple[int, list[dict]]:
+    """Load ``loop_state``'s output back; returns (epochs done, history so far)."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    gen.set_state(state["gen"].cpu())          # a generator's state is a CPU byte tensor
+    torch.set_rng_state(state["rng"].cpu())
+    return int(state["epoch"]), list(state["history"])
 
 
 def format_epoch(logs: dict, epochs: int) -> str:

@@ -40,13 +40,13 @@ class AttackStageSettings:
     dataset: str
     model: str
     train: tuple[tuple[str, Any], ...]       # the stage's SGDConfig fields
-    cache_dir: str
 
 
 @dataclass(frozen=True)
 class TrialJob:
     role: str                                # "defense" | "attack"
-    trials_dir: str                          # each trial writes <trials_dir>/<trial_id>/
+    trials_dir: str                          # each trial writes <trials_dir>/<trial_id>/ (no storage)
+    cache_dir: str                           # the attack-stage cache (no storage)
     seed: int
     clean_fraction: float
     data_root: str | None
@@ -58,6 +58,10 @@ class TrialJob:
     decoders: tuple[tuple[str, tuple[tuple[Any, Any], ...]], ...] = ()   # encoded choice -> value
     cases: tuple[TrialCase, ...] = ()        # a fixed-case Tuner
     attack_stage: AttackStageSettings | None = None
+    # the sweep's storage (trainables.storage): when set, the two folders above are the driver's
+    # only; a trial reads stages from the storage and returns its outputs as a Tune checkpoint
+    storage_uri: str | None = None
+    storage_endpoint: str | None = None
 
     def case(self, config: dict) -> TrialCase:
         """The case a trial with Tune ``config`` runs."""

@@ -60,9 +60,9 @@ def fsp_loss(feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> torch.
     """``Σ_l mean((M^T_l − M^S_l)²)`` over adjacent layer-group pairs (teacher detached): NBA's
     L_LNB (Eq. 5) with the FSP matrix standing in for Eq. 4's learning matrix."""
     total = feats_s[0].new_zeros((), dtype=torch.float32)
-    for l in range(len(feats_s) - 1):
-        m_t = fsp_matrix(feats_t[l].detach(), feats_t[l + 1].detach())
-        m_s = fsp_matrix(feats_s[l], feats_s[l + 1])
+    for i in range(len(feats_s) - 1):
+        m_t = fsp_matrix(feats_t[i].detach(), feats_t[i + 1].detach())
+        m_s = fsp_matrix(feats_s[i], feats_s[i + 1])
         total = total + (m_t - m_s).pow(2).mean()
     return total
 

@@ -24,6 +24,7 @@ import torch
 
 from trainables import registry
 from trainables.artifacts import ArtifactCache, spec_hash
+from trainables.checkpoint import StoredCheckpoint
 from trainables.attacks.base import Attack, FitContext, poison_training_set, triggered_test_set
 from trainables.data import check_dataset_name, load_dataset
 from trainables.data.base import DataError
@@ -34,6 +35,7 @@ from trainables.engine import Runtime, SGDConfig, TrainingDiverged, pick_runtime
 from trainables.metrics import backdoor_metrics, der
 from trainables.models import build_model, list_models
 from trainables.params import ParamError, as_dict, frozen, make_params
+from trainables.storage import open_storage
 from trainables.rundir import (CheckpointError, load_model, load_model_file, load_state_dict,
                                model_spec, read_json, write_run_dir)
 from trainables.version import code_version
@@ -180,12 +182,14 @@ def _progress_prefix(progress: Callable[[str], None], prefix: str) -> Callable[[
 
 # ============================================================================ attack stage
 
-def run_attack_stage(spec: AttackStageSpec, cache_dir: str | Path, *, data_root: str | None = None,
+def run_attack_stage(spec: AttackStageSpec, cache: str | Path | ArtifactCache, *, data_root: str | None = None,
                      rt: Runtime | None = None, progress: Callable[[str], None] = print,
                      epoch_eval_size: int = 2000) -> Path:
-    """The cached artifact directory for ``spec``, training it first if it is not cached."""
+    """The cached artifact directory for ``spec`` (a folder, or an ``ArtifactCache`` that also
+    publishes to a sweep's storage), training it first if it is not cached. Training saves a
+    checkpoint after every epoch beside the cache and a retried build resumes from it."""
     rt = rt or pick_runtime()
-    cache = ArtifactCache(cache_dir)
+    cache = cache if isinstance(cache, ArtifactCache) else ArtifactCache(cache)
     key = spec.hash()
     label = f"attack {spec.attack} {spec.model} {spec.dataset} {key[:8]}"
     hit = cache.lookup(key)
@@ -193,15 +197,28 @@ def run_attack_stage(spec: AttackStageSpec, cache_dir: str | Path, *, data_root:
         progress(f"[{label}] cached: {hit}")
         return hit
 
+    checkpoint = stage_checkpoint(cache, key)
+
     def build(tmp: Path) -> None:
-        _build_attack_stage(spec, tmp, cache_dir, data_root, rt, _progress_prefix(progress, label), epoch_eval_size)
+        _build_attack_stage(spec, tmp, cache, data_root, rt, _progress_prefix(progress, label), epoch_eval_size,
+                            checkpoint)
 
     path, _ = cache.get_or_build(key, build, progress)
+    checkpoint.clear()          # the entry is complete: its training state is not needed again
     return path
 
 
-def _build_attack_stage(spec: AttackStageSpec, out: Path, cache_dir, data_root, rt: Runtime,
-                        progress: Callable[[str], None], epoch_eval_size: int) -> None:
+def stage_checkpoint(cache: ArtifactCache, key: str) -> StoredCheckpoint:
+    """Where the attack stage ``key`` keeps its training state: beside the cache, in the sweep's
+    storage when there is one (so a retry on another node finds it)."""
+    if cache.remote is not None:
+        return StoredCheckpoint(cache.remote, f"{cache.prefix}/.checkpoints/{key}.pt")
+    return StoredCheckpoint(open_storage(str(cache.root)), f".checkpoints/{key}.pt")
+
+
+def _build_attack_stage(spec: AttackStageSpec, out: Path, cache: str | Path | ArtifactCache, data_root, rt: Runtime,
+                        progress: Callable[[str], None], epoch_eval_size: int,
+                        checkpoint: StoredCheckpoint | None = None) -> None:
     start = time.perf_counter()
     dataset = load_dataset(spec.dataset, root=data_root)
     cfg = spec.sgd
@@ -212,7 +229,7 @@ def _build_attack_stage(spec: AttackStageSpec, out: Path, cache_dir, data_root, 
     # cached stage, so every attack (and every sweep) that needs it shares one training run
     ctx = FitContext(rt=rt, dataset=dataset, seed=spec.seed, progress=progress,
                      clean_model=lambda: prepare(load_model(
-                         run_attack_stage(spec.clean(), cache_dir, data_root=data_root, rt=rt,
+                         run_attack_stage(spec.clean(), cache, data_root=data_root, rt=rt,
                                           progress=progress, epoch_eval_size=epoch_eval_size)), rt))
     if spec.attack != "none":
         cls = registry.get_attack(spec.attack)
@@ -234,7 +251,7 @@ def _build_attack_stage(spec: AttackStageSpec, out: Path, cache_dir, data_root, 
     per_epoch = Evaluator(dataset, triggered, target, rt, subset=epoch_eval_size, seed=spec.seed)
     progress(f"training {spec.model} on {len(train_set)} images for {cfg.epochs} epochs ({rt.description})")
     history = train(model, train_set, cfg, rt, seed=spec.seed, on_epoch=lambda e, logs: per_epoch(model),
-                    progress=progress)
+                    progress=progress, checkpoint=checkpoint)
     final = Evaluator(dataset, triggered, target, rt)(model)
     progress(f"done: {_fmt_metrics(final)}")
     mspec = model_spec(spec.model, dataset.num_classes, dataset.mean, dataset.std)

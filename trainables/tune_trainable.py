@@ -8,14 +8,23 @@ A defense trial loads its attack-stage artifact, runs the defense, ``tune.report
 (``step``, ``stage``, the loss terms, and ``ba``/``asr``/``ra`` where measured, NaN where not,
 with ``measured`` saying which) and reports the final metrics once more with
 ``fully_trained=True``; a trial a scheduler stops early never sends that last report. Outputs go
-to ``<trials_dir>/<trial_id>/`` (the standard model.pt/spec.json/metrics.json). Nothing here
-imports ``sweep``: the trainable runs on any Ray worker that has ``trainables`` installed.
+to ``<trials_dir>/<trial_id>/`` (the standard model.pt/spec.json/metrics.json).
+
+With a storage (``job.storage_uri``: nodes that share no disk) the driver's folders exist on the
+driver only: a trial reads its attack stage from the storage through a node-local copy
+(``stage_cache``), writes its outputs to a temporary folder and reports them as a Tune
+checkpoint, which Tune uploads to the storage and the driver's callback logs to MLflow.
+Nothing here imports ``sweep``: the trainable runs on any Ray worker that has ``trainables``
+installed.
 """
 from __future__ import annotations
 
 import gc
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from trainables import plugins
@@ -40,6 +49,46 @@ def _release_memory() -> None:
         pass
 
 
+def stage_cache(cache_dir: str, storage_uri: str | None, storage_endpoint: str | None):
+    """The attack-stage cache as this node sees it: the sweep's folder (one machine, or a mount
+    every node sees), or a node-local copy of the storage's (``SWEEP_LOCAL_CACHE``, by default a
+    folder in the node's temp dir: never the driver's path, which other nodes lack)."""
+    from trainables.artifacts import ArtifactCache
+
+    if storage_uri is None:
+        return ArtifactCache(cache_dir)
+    from trainables.storage import open_storage
+
+    local = os.environ.get("SWEEP_LOCAL_CACHE") or os.path.join(tempfile.gettempdir(), "backdoor-sweep-cache")
+    return ArtifactCache(local, remote=open_storage(storage_uri, storage_endpoint))
+
+
+def _out_dir(job: TrialJob, trial_id: str) -> Path:
+    """Where a trial writes its outputs: the sweep's trials folder, or (with a storage) a
+    temporary folder that becomes the trial's Tune checkpoint."""
+    if job.storage_uri is None:
+        return Path(job.trials_dir) / trial_id
+    return Path(tempfile.mkdtemp(prefix=f"trial-{trial_id}-"))
+
+
+def _final_report(job: TrialJob, metrics: dict, out_dir: Path) -> None:
+    """The trial's last report; with a storage its outputs travel with it as a checkpoint."""
+    from ray import tune
+
+    metrics["node_id"] = _node_id()
+    if job.storage_uri is None:
+        tune.report(metrics)
+        return
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(out_dir)))
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def _start(job: TrialJob, case: TrialCase, out_dir: Path) -> None:
     """Plugins (and their trial hooks) first, then the thread count Ray granted."""
     import torch
@@ -61,9 +110,14 @@ def defense_trial(config: dict, job: TrialJob) -> None:
     from trainables.stages import resolve_defense, run_defense_stage
 
     case = job.case(config)
-    out_dir = Path(job.trials_dir) / tune.get_context().get_trial_id()
+    out_dir = _out_dir(job, tune.get_context().get_trial_id())
     _start(job, case, out_dir)
     dspec = resolve_defense(case.defense, case.params_dict, job.clean_fraction, job.seed)
+    artifact_dir = case.artifact_dir
+    if job.storage_uri is not None:
+        artifact_dir = stage_cache(job.cache_dir, job.storage_uri, job.storage_endpoint).lookup(case.attack_hash)
+        if artifact_dir is None:
+            raise FileNotFoundError(f"attack stage {case.attack_hash} is not in the storage {job.storage_uri}")
 
     def report(entry: dict) -> None:
         measured = "ba" in entry and "asr" in entry
@@ -76,7 +130,7 @@ def defense_trial(config: dict, job: TrialJob) -> None:
         tune.report(metrics)
 
     try:
-        result = run_defense_stage(case.artifact_dir, dspec, out_dir, data_root=job.data_root,
+        result = run_defense_stage(artifact_dir, dspec, out_dir, data_root=job.data_root,
                                    report=report, epoch_eval_size=job.epoch_eval_size)
     finally:
         _release_memory()
@@ -93,7 +147,7 @@ def defense_trial(config: dict, job: TrialJob) -> None:
     for m in ("ba", "asr", "ra"):
         final.setdefault(m, NAN)
     final["score"] = _score(final["ba"], final["asr"])
-    tune.report(final)
+    _final_report(job, final, out_dir)
 
 
 def attack_trial(config: dict, job: TrialJob) -> None:
@@ -106,10 +160,11 @@ def attack_trial(config: dict, job: TrialJob) -> None:
     case = job.case(config)
     stage = job.attack_stage
     _start(job, case, Path(job.trials_dir) / tune.get_context().get_trial_id())
+    cache = stage_cache(job.cache_dir, job.storage_uri, job.storage_endpoint)
     spec = resolve_attack_stage(stage.dataset, stage.model, case.attack, case.params_dict, dict(stage.train),
                                 job.seed)
     try:
-        path = run_attack_stage(spec, stage.cache_dir, data_root=job.data_root, epoch_eval_size=job.epoch_eval_size)
+        path = run_attack_stage(spec, cache, data_root=job.data_root, epoch_eval_size=job.epoch_eval_size)
     finally:
         _release_memory()
     metrics = json.loads((path / "metrics.json").read_text())
@@ -121,5 +176,5 @@ def attack_trial(config: dict, job: TrialJob) -> None:
     final = {**_numeric({k: v for k, v in metrics.items() if k != "history"}),
              "history": [_numeric(h) for h in history],
              "step": len(history), "measured": 1, "fully_trained": True, "final": True, "stage": "final",
-             "attack_hash": spec.hash(), "out_dir": str(path)}
-    tune.report(final)
+             "attack_hash": spec.hash(), "out_dir": str(path), "node_id": _node_id()}
+    tune.report(final)          # the outputs are the stage's cache entry (in the storage, if any)
