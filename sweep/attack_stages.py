@@ -15,7 +15,7 @@ from sweep.plan import StagePlan
 
 
 def _attack_stage_task(spec_key: dict, cache_dir: str, storage: tuple[str | None, str | None],
-                       data_root: str | None, epoch_eval_size: int, cpus: float) -> dict:
+                       data_root: str | None, epoch_eval_size: int, cpus: float, checkpoint_every: int) -> dict:
     """A Ray task: one attack stage (trains it unless the cache holds it)."""
     import torch
 
@@ -26,7 +26,8 @@ def _attack_stage_task(spec_key: dict, cache_dir: str, storage: tuple[str | None
     spec = AttackStageSpec(**{k: v for k, v in spec_key.items() if k != "stage"})
     cache = stage_cache(cache_dir, *storage)
     cached = cache.lookup(spec.hash()) is not None
-    run_attack_stage(spec, cache, data_root=data_root, epoch_eval_size=epoch_eval_size)
+    run_attack_stage(spec, cache, data_root=data_root, epoch_eval_size=epoch_eval_size,
+                     checkpoint_every=checkpoint_every)
     return {"trained": not cached}
 
 
@@ -52,7 +53,7 @@ def run_attack_stages(ctx: SweepContext) -> None:
                                         name=f"attack-stage-{s.attack}-{s.hash[:8]}",
                                         max_retries=cfg.max_failures).remote(   # on node loss
                 s.spec.key(), str(ctx.cache_dir), storage, cfg.data_root, cfg.epoch_eval_size,
-                cfg.resources.attack_cpus)
+                cfg.resources.attack_cpus, cfg.checkpoint_every)
         if refs:
             ctx.progress(f"attack stages: {len(refs)} to run ({', '.join(s.attack for s in wave if s.hash in refs)})")
         pending = dict(refs)

@@ -125,6 +125,7 @@ class SweepConfig:
     search: SearchConfig
     resources: Resources
     max_failures: int
+    checkpoint_every: int                    # epochs between a trial's / attack stage's checkpoints
     paper_table: str | None                  # sweep/paper_tables/<name>.yaml, shown beside ours
     selection: Selection
     ray: RayConfig
@@ -141,11 +142,13 @@ class SweepConfig:
         return json.loads(self.raw)
 
     def config_hash(self) -> str:
-        """Identifies the experiment (everything but the description and where it is stored):
+        """Identifies the experiment (everything but the description, where it is stored and how
+        often it checkpoints):
         resume matches on it."""
         d = self.to_dict()
         d.pop("description", None)
         d.pop("storage", None)
+        d.pop("checkpoint_every", None)      # how often state is saved changes no result
         blob = json.dumps({"name": self.name, **d}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

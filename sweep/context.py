@@ -62,7 +62,10 @@ class SweepContext:
         return TrialJob(role="defense" if cfg.kind == "defense" else "attack",
                         trials_dir=str(self.state.dir / "trials"), cache_dir=str(self.cache_dir),
                         storage_uri=self.storage.uri if self.storage else None,
-                        storage_endpoint=self.storage.endpoint if self.storage else None, seed=cfg.seed,
+                        storage_endpoint=self.storage.endpoint if self.storage else None,
+                        checkpoint_dir=(f"sweeps/{self.state.sweep_id}/.checkpoints" if self.storage
+                                        else str(self.state.dir / ".checkpoints")),
+                        checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
                         clean_fraction=cfg.clean_fraction, data_root=cfg.data_root,
                         epoch_eval_size=cfg.epoch_eval_size, cpus=cfg.resources.cpus,
                         objectives=tuple(m for m, _ in cfg.search.objectives),

@@ -41,6 +41,9 @@ Preset fields (defaults in brackets; ``sweep.schema.DEFAULTS``)::
     resources: {cpus: 1, gpus: 0, attack_cpus: null, attack_gpus: null}  per trial / attack stage
     max_failures: 0                    Tune's retries of a failed trial, and Ray's of an attack
                                        stage whose node was lost (-1: no limit)
+    checkpoint_every: 1                epochs between the checkpoints of a trial's or an attack
+                                       stage's training (in the storage): a retry, or a trial a
+                                       resumed sweep restarts, goes on from the last one
     paper_table: null                  a paper's table (sweep/paper_tables/<name>.yaml: nba_table2,
                                        dlp_table3, cheatkd_table2) whose layout the report uses
                                        and whose numbers it shows beside ours
@@ -164,6 +167,7 @@ def build_config(name: str, source: str, d: dict, overrides: tuple[str, ...]) ->
         epoch_eval_size=typed("budget.epoch_eval_size", budget["epoch_eval_size"], int, low=1),
         attacks=attacks, defenses=defenses, search=search, resources=_resources(d["resources"]),
         max_failures=typed("max_failures", d["max_failures"], int, low=-1),
+        checkpoint_every=typed("checkpoint_every", d["checkpoint_every"], int, low=1),
         paper_table=_paper_table(d["paper_table"], kind), selection=selection, ray=_ray(d["ray"]),
         storage=_storage(d["storage"]), overrides=overrides, raw=json.dumps(d))
 

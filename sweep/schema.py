@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
                "early_stopping": {"enabled": False, "grace_period": 2, "reduction_factor": 3}},
     "resources": {"cpus": 1, "gpus": 0, "attack_cpus": None, "attack_gpus": None},
     "max_failures": 0,
+    "checkpoint_every": 1,
     "paper_table": None,
     "selection": {"rule": "bound", "bound": 10.0, "ba_tolerance": 2.0, "metric": None, "mode": None,
                   "ba_metric": None},

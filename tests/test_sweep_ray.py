@@ -178,6 +178,30 @@ def test_reduced_quickstart_sweep_tracks_everything_and_a_failing_trial_fails_al
 
 # ============================================================================ partial sweeps
 
+def test_a_trial_that_crashed_mid_way_is_retried_from_its_checkpoint(tmp_path, monkeypatch):
+    """A test plugin kills the first FT trial at its third epoch (of 4); Tune retries it
+    (max_failures=1) and the retry goes on from the checkpoint after epoch 2: one run per trial,
+    all FINISHED, the retried one marked ``resumed`` with each epoch logged once, and no
+    checkpoint left behind."""
+    from sweep.runner import run_sweep
+
+    _use_plugin(monkeypatch, "sweep_crash_mid_trial_once")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_preset("quickstart", [*TINY, "budget.defense_epochs=4", "defenses={ft: {}}", "search.num_samples=2",
+                                     "search.cross_check=false", "max_failures=1", "search.max_concurrent=1"])
+    res = run_sweep(cfg, workdir=tmp_path, progress=lambda m: None)
+    assert res.status == "FINISHED" and res.trials == {"FINISHED": 2}
+    c, runs = _all_runs(tmp_path)
+    trials = [r for r in runs if r.data.tags["role"] == "defense"]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    resumed = [r for r in trials if r.data.metrics.get("resumed") == 1]
+    assert len(resumed) == 1, [r.data.metrics.get("resumed") for r in trials]
+    for r in trials:
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "loss")]
+        assert sorted(steps) == [1, 2, 3, 4], (r.data.tags["mlflow.runName"], steps)
+    assert not any((res.sweep_dir / ".checkpoints").glob("*/*")), "a finished trial's checkpoints remain"
+
+
 def _args(workdir, sets):
     return ["quickstart", "--workdir", str(workdir)] + [x for item in sets for x in ("--set", item)]
 

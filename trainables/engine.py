@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -277,31 +277,47 @@ def epoch_logs(stats: EpochStats, epoch: int, opt: torch.optim.Optimizer, start:
     return logs
 
 
+class StopTraining(Exception):
+    """Raised by an ``on_epoch`` hook to end training after that epoch (e.g. DLP's AU once the
+    model has unlearnt D'_p); the epoch counts, and ``train`` returns normally."""
+
+
 def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed: int,
           loss_fn: LossFn = cross_entropy_loss, augment: bool = True,
           params: Iterable[torch.nn.Parameter] | None = None,
           on_epoch: EpochHook | None = None, progress: Callable[[str], None] | None = None,
-          train_mode: bool = True, checkpoint: EpochCheckpoint | None = None) -> list[dict]:
+          train_mode: bool = True, checkpoint: EpochCheckpoint | None = None,
+          generators: Sequence[torch.Generator] = ()) -> list[dict]:
     """Train ``model`` in place for ``cfg.epochs`` epochs; return the per-epoch history.
 
     ``loss_fn`` returns the loss to minimise and a dict of terms to average and log.
     ``on_epoch(epoch, logs)`` runs after every epoch (evaluation, reporting); what it returns is
-    merged into that epoch's history entry. ``params`` restricts what the optimiser updates.
-    ``checkpoint`` saves the loop's whole state after every epoch and, when it holds one, resumes
-    from it: a run retried after a lost node continues where it stopped, on the same batches.
+    merged into that epoch's history entry; it may raise ``StopTraining``. ``params`` restricts
+    what the optimiser updates. ``generators``: those the loss draws from (PGD starts, sampled
+    curve points), saved with the checkpoint so that a resumed run draws the same numbers.
+    ``checkpoint`` (by default the next phase of the run being checkpointed, if any:
+    ``trainables.checkpoint``) is offered the loop's whole state after every epoch; when it holds
+    one, training goes on from there (or, when that state ended the loop, returns at once): a run
+    retried after a lost node continues where it stopped, on the same batches.
     """
+    from trainables.checkpoint import next_phase
+
+    checkpoint = checkpoint if checkpoint is not None else next_phase()
     data = on_device(data, rt)
     gen = generator(rt, seed)
-    opt = make_sgd(params if params is not None else model.parameters(), cfg)
+    trained = list(params) if params is not None else list(model.parameters())
+    opt = make_sgd(trained, cfg)
     scaler = grad_scaler(rt)
     history: list[dict] = []
-    first = 0
+    first, done = 0, False
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
-        first, history = restore_loop(saved, model, opt, scaler, gen)
+        first, done, history = restore_loop(saved, model, trained, opt, scaler, gen, generators)
         if progress is not None:
             progress(f"resuming from the checkpoint after epoch {first}/{cfg.epochs}")
     for epoch in range(first, cfg.epochs):
+        if done:
+            break
         set_lr(opt, cfg.lr_at(epoch))
         model.train(train_mode)
         stats, start = EpochStats(), time.perf_counter()
@@ -318,10 +334,15 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
             stats.add({"loss": loss, **logs}, len(y))
         logs = epoch_logs(stats, epoch, opt, start)
         if on_epoch is not None:
-            logs.update(on_epoch(epoch + 1, logs) or {})
+            try:
+                logs.update(on_epoch(epoch + 1, logs) or {})
+            except StopTraining:
+                done = True
+        done = done or epoch + 1 == cfg.epochs
         history.append(logs)
         if checkpoint is not None:
-            checkpoint.save(loop_state(epoch + 1, history, model, opt, scaler, gen))
+            checkpoint.save(loop_state(epoch + 1, cfg.epochs, done, history, model, trained, opt, scaler, gen,
+                                       generators))
         if progress is not None:
             progress(format_epoch(logs, cfg.epochs))
     model.eval()
@@ -329,32 +350,47 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
 
 
 class EpochCheckpoint(Protocol):
-    """Where ``train`` keeps its state between epochs (a file, an object in the storage)."""
+    """Where ``train`` keeps its state between epochs (a file, an object in the storage); it
+    decides which of the states it is offered to keep."""
 
     def load(self) -> dict | None: ...
 
     def save(self, state: dict) -> None: ...
 
 
-def loop_state(epoch: int, history: list[dict], model: nn.Module, opt: torch.optim.Optimizer,
-               scaler, gen: torch.Generator) -> dict:
-    """Everything the loop needs to go on after ``epoch`` epochs exactly as if never stopped:
-    weights, optimiser and scaler, the batch generator and the global RNG (plain tensors and
-    numbers, so ``torch.load(weights_only=True)`` reads it)."""
-    return {"epoch": epoch, "history": history, "model": model.state_dict(), "opt": opt.state_dict(),
-            "scaler": scaler.state_dict(), "gen": gen.get_state(), "rng": torch.get_rng_state()}
+def loop_state(epoch: int, epochs: int, done: bool, history: list[dict], model: nn.Module,
+               trained: list[torch.Tensor], opt: torch.optim.Optimizer, scaler, gen: torch.Generator,
+               generators: Sequence[torch.Generator] = ()) -> dict:
+    """Everything the loop needs to go on after ``epoch`` of ``epochs`` epochs (``done``: the
+    loop ended there) exactly as if never stopped: the model's weights and buffers, the trained
+    tensors (which need not be the model's), optimiser and scaler, the batch generator, the
+    loss's generators and the global RNG; plain tensors and numbers, so
+    ``torch.load(weights_only=True)`` reads it."""
+    return {"epoch": epoch, "epochs": epochs, "done": done, "history": history, "model": model.state_dict(),
+            "trained": [t.detach() for t in trained], "opt": opt.state_dict(), "scaler": scaler.state_dict(),
+            "gen": gen.get_state(), "generators": [g.get_state() for g in generators], "rng": torch.get_rng_state()}
 
 
-def restore_loop(state: dict, model: nn.Module, opt: torch.optim.Optimizer, scaler,
-                 gen: torch.Generator) -> tuple[int, list[dict]]:
-    """Load ``loop_state``'s output back; returns (epochs done, history so far)."""
+def restore_loop(state: dict, model: nn.Module, trained: list[torch.Tensor], opt: torch.optim.Optimizer,
+                 scaler, gen: torch.Generator, generators: Sequence[torch.Generator] = ()) -> tuple[int, bool, list[dict]]:
+    """Load ``loop_state``'s output back; returns (epochs done, whether the loop had ended,
+    history so far)."""
     model.load_state_dict(state["model"])
+    with torch.no_grad():
+        for t, value in zip(trained, state["trained"], strict=True):
+            t.copy_(value)
     opt.load_state_dict(state["opt"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    restore_rng(state, gen)
+    for g, s in zip(generators, state["generators"], strict=True):
+        g.set_state(s.cpu())
+    return int(state["epoch"]), bool(state["done"]), list(state["history"])
+
+
+def restore_rng(state: dict, gen: torch.Generator) -> None:
     gen.set_state(state["gen"].cpu())          # a generator's state is a CPU byte tensor
     torch.set_rng_state(state["rng"].cpu())
-    return int(state["epoch"]), list(state["history"])
 
 
 def format_epoch(logs: dict, epochs: int) -> str:

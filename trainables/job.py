@@ -62,6 +62,9 @@ class TrialJob:
     # only; a trial reads stages from the storage and returns its outputs as a Tune checkpoint
     storage_uri: str | None = None
     storage_endpoint: str | None = None
+    # trial checkpoints (trainables.checkpoint): a folder in the storage, else a local folder
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 1
 
     def case(self, config: dict) -> TrialCase:
         """The case a trial with Tune ``config`` runs."""

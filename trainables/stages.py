@@ -24,7 +24,7 @@ import torch
 
 from trainables import registry
 from trainables.artifacts import ArtifactCache, spec_hash
-from trainables.checkpoint import StoredCheckpoint
+from trainables.checkpoint import PhaseCheckpoints, bind_log, checkpointing
 from trainables.attacks.base import Attack, FitContext, poison_training_set, triggered_test_set
 from trainables.data import check_dataset_name, load_dataset
 from trainables.data.base import DataError
@@ -184,10 +184,11 @@ def _progress_prefix(progress: Callable[[str], None], prefix: str) -> Callable[[
 
 def run_attack_stage(spec: AttackStageSpec, cache: str | Path | ArtifactCache, *, data_root: str | None = None,
                      rt: Runtime | None = None, progress: Callable[[str], None] = print,
-                     epoch_eval_size: int = 2000) -> Path:
+                     epoch_eval_size: int = 2000, checkpoint_every: int = 1) -> Path:
     """The cached artifact directory for ``spec`` (a folder, or an ``ArtifactCache`` that also
-    publishes to a sweep's storage), training it first if it is not cached. Training saves a
-    checkpoint after every epoch beside the cache and a retried build resumes from it."""
+    publishes to a sweep's storage), training it first if it is not cached. Training saves its
+    state every ``checkpoint_every`` epochs beside the cache (``trainables.checkpoint``) and a
+    retried build, on any node that sees the cache, goes on from there."""
     rt = rt or pick_runtime()
     cache = cache if isinstance(cache, ArtifactCache) else ArtifactCache(cache)
     key = spec.hash()
@@ -196,29 +197,28 @@ def run_attack_stage(spec: AttackStageSpec, cache: str | Path | ArtifactCache, *
     if hit is not None:
         progress(f"[{label}] cached: {hit}")
         return hit
-
-    checkpoint = stage_checkpoint(cache, key)
+    checkpoints = stage_checkpoints(cache, key, checkpoint_every)
 
     def build(tmp: Path) -> None:
-        _build_attack_stage(spec, tmp, cache, data_root, rt, _progress_prefix(progress, label), epoch_eval_size,
-                            checkpoint)
+        with checkpointing(checkpoints):
+            _build_attack_stage(spec, tmp, cache, data_root, rt, _progress_prefix(progress, label), epoch_eval_size,
+                                checkpoint_every)
 
     path, _ = cache.get_or_build(key, build, progress)
-    checkpoint.clear()          # the entry is complete: its training state is not needed again
+    checkpoints.clear()         # the entry is complete: its training state is not needed again
     return path
 
 
-def stage_checkpoint(cache: ArtifactCache, key: str) -> StoredCheckpoint:
+def stage_checkpoints(cache: ArtifactCache, key: str, every: int) -> PhaseCheckpoints:
     """Where the attack stage ``key`` keeps its training state: beside the cache, in the sweep's
     storage when there is one (so a retry on another node finds it)."""
     if cache.remote is not None:
-        return StoredCheckpoint(cache.remote, f"{cache.prefix}/.checkpoints/{key}.pt")
-    return StoredCheckpoint(open_storage(str(cache.root)), f".checkpoints/{key}.pt")
+        return PhaseCheckpoints(cache.remote, f"{cache.prefix}/.checkpoints/{key}", every)
+    return PhaseCheckpoints(open_storage(str(cache.root)), f".checkpoints/{key}", every)
 
 
 def _build_attack_stage(spec: AttackStageSpec, out: Path, cache: str | Path | ArtifactCache, data_root, rt: Runtime,
-                        progress: Callable[[str], None], epoch_eval_size: int,
-                        checkpoint: StoredCheckpoint | None = None) -> None:
+                        progress: Callable[[str], None], epoch_eval_size: int, checkpoint_every: int = 1) -> None:
     start = time.perf_counter()
     dataset = load_dataset(spec.dataset, root=data_root)
     cfg = spec.sgd
@@ -229,8 +229,8 @@ def _build_attack_stage(spec: AttackStageSpec, out: Path, cache: str | Path | Ar
     # cached stage, so every attack (and every sweep) that needs it shares one training run
     ctx = FitContext(rt=rt, dataset=dataset, seed=spec.seed, progress=progress,
                      clean_model=lambda: prepare(load_model(
-                         run_attack_stage(spec.clean(), cache, data_root=data_root, rt=rt,
-                                          progress=progress, epoch_eval_size=epoch_eval_size)), rt))
+                         run_attack_stage(spec.clean(), cache, data_root=data_root, rt=rt, progress=progress,
+                                          epoch_eval_size=epoch_eval_size, checkpoint_every=checkpoint_every)), rt))
     if spec.attack != "none":
         cls = registry.get_attack(spec.attack)
         attack = cls(make_params(cls.Params, spec.attack_params), dataset)
@@ -251,7 +251,7 @@ def _build_attack_stage(spec: AttackStageSpec, out: Path, cache: str | Path | Ar
     per_epoch = Evaluator(dataset, triggered, target, rt, subset=epoch_eval_size, seed=spec.seed)
     progress(f"training {spec.model} on {len(train_set)} images for {cfg.epochs} epochs ({rt.description})")
     history = train(model, train_set, cfg, rt, seed=spec.seed, on_epoch=lambda e, logs: per_epoch(model),
-                    progress=progress, checkpoint=checkpoint)
+                    progress=progress)
     final = Evaluator(dataset, triggered, target, rt)(model)
     progress(f"done: {_fmt_metrics(final)}")
     mspec = model_spec(spec.model, dataset.num_classes, dataset.mean, dataset.std)
@@ -384,6 +384,7 @@ def defend(art: AttackArtifact, dspec: DefenseStageSpec, out_dir: str | Path | N
     ctx = DefenseContext(rt=rt, seed=dspec.seed, num_classes=dataset.num_classes, evaluate=per_epoch,
                          score_filter=score_filter, report=report or (lambda e: None), progress=label,
                          oracle_trigger=(lambda x: attack.apply(x, gen)) if attack else None)
+    bind_log(ctx.history)       # a retried trial's log as of its last checkpoint comes back here
     if cls.kind == "post-training":
         # the clean subset comes from the clean training images, never from poisoned ones
         pick = clean_subset(dataset.train.y, dspec.clean_fraction, dspec.seed, exclude=art.poison_index)

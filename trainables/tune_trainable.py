@@ -8,7 +8,10 @@ A defense trial loads its attack-stage artifact, runs the defense, ``tune.report
 (``step``, ``stage``, the loss terms, and ``ba``/``asr``/``ra`` where measured, NaN where not,
 with ``measured`` saying which) and reports the final metrics once more with
 ``fully_trained=True``; a trial a scheduler stops early never sends that last report. Outputs go
-to ``<trials_dir>/<trial_id>/`` (the standard model.pt/spec.json/metrics.json).
+to ``<trials_dir>/<trial_id>/`` (the standard model.pt/spec.json/metrics.json). Its training
+phases save checkpoints every ``job.checkpoint_every`` epochs (``trainables.checkpoint``, under
+``job.checkpoint_dir``): a trial Tune retries, or one a resumed sweep restarts, goes on from the
+last one (and reports ``resumed=1``); they are deleted when the trial has finished.
 
 With a storage (``job.storage_uri``: nodes that share no disk) the driver's folders exist on the
 driver only: a trial reads its attack stage from the storage through a node-local copy
@@ -63,6 +66,19 @@ def stage_cache(cache_dir: str, storage_uri: str | None, storage_endpoint: str |
     return ArtifactCache(local, remote=open_storage(storage_uri, storage_endpoint))
 
 
+def trial_checkpoints(job: TrialJob, trial_id: str):
+    """Where trial ``trial_id`` keeps its training checkpoints (``trainables.checkpoint``): in
+    the storage, where a retry on any node finds them, or in the sweep's folder. Tune retries a
+    failed trial (and a resumed sweep restarts an unfinished one) under the same trial id."""
+    from trainables.checkpoint import PhaseCheckpoints
+    from trainables.storage import open_storage
+
+    if job.storage_uri is not None:
+        return PhaseCheckpoints(open_storage(job.storage_uri, job.storage_endpoint),
+                                f"{job.checkpoint_dir}/{trial_id}", job.checkpoint_every)
+    return PhaseCheckpoints(open_storage(job.checkpoint_dir), trial_id, job.checkpoint_every)
+
+
 def _out_dir(job: TrialJob, trial_id: str) -> Path:
     """Where a trial writes its outputs: the sweep's trials folder, or (with a storage) a
     temporary folder that becomes the trial's Tune checkpoint."""
@@ -107,10 +123,12 @@ def defense_trial(config: dict, job: TrialJob) -> None:
     """One defense configuration on one attack-stage artifact, reported to Tune per epoch."""
     from ray import tune
 
+    from trainables.checkpoint import checkpointing
     from trainables.stages import resolve_defense, run_defense_stage
 
     case = job.case(config)
-    out_dir = _out_dir(job, tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    out_dir = _out_dir(job, trial_id)
     _start(job, case, out_dir)
     dspec = resolve_defense(case.defense, case.params_dict, job.clean_fraction, job.seed)
     artifact_dir = case.artifact_dir
@@ -129,9 +147,13 @@ def defense_trial(config: dict, job: TrialJob) -> None:
                        score=_score(metrics["ba"], metrics["asr"]))
         tune.report(metrics)
 
+    checkpoints = trial_checkpoints(job, trial_id)
+    if checkpoints.resume_phase >= 0:
+        print(f"trial {trial_id}: resuming from its checkpoint (training phase {checkpoints.resume_phase})")
     try:
-        result = run_defense_stage(artifact_dir, dspec, out_dir, data_root=job.data_root,
-                                   report=report, epoch_eval_size=job.epoch_eval_size)
+        with checkpointing(checkpoints):
+            result = run_defense_stage(artifact_dir, dspec, out_dir, data_root=job.data_root,
+                                       report=report, epoch_eval_size=job.epoch_eval_size)
     finally:
         _release_memory()
     after, before = result["after"], result["before"]
@@ -147,7 +169,9 @@ def defense_trial(config: dict, job: TrialJob) -> None:
     for m in ("ba", "asr", "ra"):
         final.setdefault(m, NAN)
     final["score"] = _score(final["ba"], final["asr"])
+    final["resumed"] = int(checkpoints.resume_phase >= 0)
     _final_report(job, final, out_dir)
+    checkpoints.clear()
 
 
 def attack_trial(config: dict, job: TrialJob) -> None:
@@ -164,7 +188,8 @@ def attack_trial(config: dict, job: TrialJob) -> None:
     spec = resolve_attack_stage(stage.dataset, stage.model, case.attack, case.params_dict, dict(stage.train),
                                 job.seed)
     try:
-        path = run_attack_stage(spec, cache, data_root=job.data_root, epoch_eval_size=job.epoch_eval_size)
+        path = run_attack_stage(spec, cache, data_root=job.data_root, epoch_eval_size=job.epoch_eval_size,
+                                checkpoint_every=job.checkpoint_every)
     finally:
         _release_memory()
     metrics = json.loads((path / "metrics.json").read_text())

@@ -176,7 +176,7 @@ class ANP(Defense):
         masked = _Masked(work, pert)
         train(work, ctx.clean, p.sgd(len(ctx.clean)), rt, seed=ctx.seed + 1,
               params=list(pert.mask.values()), loss_fn=anp_loss(pert, p, gen),
-              on_epoch=epoch_logger(ctx, "anp-mask", masked))
+              on_epoch=epoch_logger(ctx, "anp-mask", masked), generators=(gen,))
         pert.clamp_()
         prune = pruned_neurons(pert.mask, p)
         bns = batchnorms(model)

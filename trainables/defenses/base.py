@@ -15,6 +15,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from trainables.checkpoint import replaying
 from trainables.data.base import ImageSet
 from trainables.engine import Runtime
 
@@ -41,8 +42,12 @@ class DefenseContext:
 
     def log_epoch(self, stage: str, logs: dict, model: nn.Module | None = None) -> dict:
         """Record one epoch: the defense's own terms plus (if ``model``) test metrics for the
-        log. Every defense calls this once per epoch; the stage forwards it to Tune/MLflow."""
+        log. Every defense calls this once per epoch; the stage forwards it to Tune/MLflow.
+        A retried trial replaying what its earlier attempt logged logs nothing (the entries are
+        in its restored history: ``trainables.checkpoint``)."""
         entry = {"stage": stage, **logs}
+        if replaying():
+            return entry
         if model is not None:
             entry.update(self.evaluate(model))
         entry["step"] = len(self.history) + 1

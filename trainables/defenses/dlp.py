@@ -75,19 +75,19 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainables.augment import strong, weak
+from trainables.checkpoint import next_phase
 from trainables.data.base import ImageSet
 from trainables.data.loader import batches
 from trainables.defenses._common import complement, epoch_logger, unlearning_loss
 from trainables.defenses.base import Cost, Defense, DefenseContext
-from trainables.engine import (EpochStats, Runtime, SGDConfig, accuracy, autocast, epoch_logs, generator,
-                               make_sgd, on_device, predict_logits, prepare, set_lr, train)
+from trainables.engine import (EpochStats, Runtime, SGDConfig, StopTraining, accuracy, autocast, epoch_logs,
+                               generator, make_sgd, on_device, predict_logits, prepare, restore_rng, set_lr, train)
 from trainables.params import param
 from trainables.registry import register_defense
 
@@ -163,10 +163,6 @@ def entropy_filter(model: nn.Module, data: ImageSet, gamma: float, num_classes: 
 
 # ----------------------------------------------------------------------------- AU (Eq. 6)
 
-class _Unlearnt(Exception):
-    """Ends AU from the engine's epoch hook (the engine's loop has no stop signal of its own)."""
-
-
 def active_unlearning(model: nn.Module, poisoned: ImageSet, p: Params, ctx: DefenseContext, *, seed: int) -> None:
     """Gradient ascent on D'_p for up to E2 epochs (Eq. 6), IN PLACE; logs every epoch with
     ``dp_accuracy`` (the model's accuracy on D'_p under its given labels, eval mode) and ends
@@ -175,14 +171,12 @@ def active_unlearning(model: nn.Module, poisoned: ImageSet, p: Params, ctx: Defe
         dp_accuracy = accuracy(model, poisoned, ctx.rt)
         ctx.log_epoch("au", {**logs, "dp_accuracy": dp_accuracy}, model)
         if p.au_stop_accuracy is not None and dp_accuracy <= p.au_stop_accuracy:
-            raise _Unlearnt
+            raise StopTraining
         return {"dp_accuracy": dp_accuracy}
 
-    try:   # unlearning_loss maximises the CE on D'_p (Eq. 6): the engine minimises −CE
-        train(model, poisoned, p.sgd(p.au_epochs, p.au_lr, "constant"), ctx.rt, seed=seed,
-              loss_fn=unlearning_loss, augment=p.au_augment, on_epoch=on_epoch)
-    except _Unlearnt:
-        pass
+    # unlearning_loss maximises the CE on D'_p (Eq. 6): the engine minimises −CE
+    train(model, poisoned, p.sgd(p.au_epochs, p.au_lr, "constant"), ctx.rt, seed=seed,
+          loss_fn=unlearning_loss, augment=p.au_augment, on_epoch=on_epoch)
     model.eval()
 
 
@@ -212,20 +206,26 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-def labelled_stream(n: int, batch: int, gen: torch.Generator, device) -> Iterator[torch.Tensor]:
-    """Endless labelled index batches: consecutive reshuffled passes, cut into ``batch``-sized pieces."""
-    buffer = torch.empty(0, dtype=torch.long, device=device)
-    while True:
-        while len(buffer) < batch:
-            buffer = torch.cat([buffer, torch.randperm(n, device=device, generator=gen)])
-        yield buffer[:batch]
-        buffer = buffer[batch:]
+class LabelledStream:
+    """Endless labelled index batches: consecutive reshuffled passes, cut into ``batch``-sized
+    pieces. ``buffer`` (what is left of the current pass) is its whole state."""
+
+    def __init__(self, n: int, batch: int, gen: torch.Generator, device):
+        self.n, self.batch, self.gen = n, batch, gen
+        self.buffer = torch.empty(0, dtype=torch.long, device=device)
+
+    def __next__(self) -> torch.Tensor:
+        while len(self.buffer) < self.batch:
+            self.buffer = torch.cat([self.buffer, torch.randperm(self.n, device=self.buffer.device, generator=self.gen)])
+        out, self.buffer = self.buffer[:self.batch], self.buffer[self.batch:]
+        return out
 
 
 def assft(model: nn.Module, labelled: ImageSet, unlabelled_x: torch.Tensor, p: Params, ctx: DefenseContext,
           *, seed: int, stage: str = "assft") -> nn.Module:
     """FixMatch fine-tuning (module docstring: one epoch = one pass over the unlabelled set);
-    returns the trained model (the EMA copy when ``p.ema`` is set). Logs every epoch."""
+    returns the trained model (the EMA copy when ``p.ema`` is set). Logs every epoch; a
+    checkpointed phase of the run (``trainables.checkpoint``) like the engine's loop."""
     if len(labelled) == 0 or len(unlabelled_x) == 0:
         raise ValueError(f"{stage}: FixMatch needs labelled and unlabelled images "
                          f"(got {len(labelled)} and {len(unlabelled_x)})")
@@ -237,9 +237,20 @@ def assft(model: nn.Module, labelled: ImageSet, unlabelled_x: torch.Tensor, p: P
     opt = make_sgd(model.parameters(), cfg)
     ema_model = copy.deepcopy(model) if p.ema is not None else None
     b = min(p.batch_size, len(lab))
-    stream = labelled_stream(len(lab), b, gen, rt.device)
+    stream = LabelledStream(len(lab), b, gen, rt.device)
     dummy = torch.zeros(len(ux), dtype=torch.long, device=rt.device)
-    for epoch in range(cfg.epochs):
+    checkpoint = next_phase()
+    saved = checkpoint.load() if checkpoint is not None else None
+    first = 0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        if ema_model is not None:
+            ema_model.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["opt"])
+        stream.buffer = saved["stream"].to(rt.device)
+        restore_rng(saved, gen)
+        first = int(saved["epoch"])
+    for epoch in range(first, cfg.epochs):
         set_lr(opt, cfg.lr_at(epoch))
         model.train()
         stats, start = EpochStats(), time.perf_counter()
@@ -261,6 +272,11 @@ def assft(model: nn.Module, labelled: ImageSet, unlabelled_x: torch.Tensor, p: P
             stats.add({"loss": loss, **logs}, len(li) + len(u))
         logs = epoch_logs(stats, epoch, opt, start, where=stage)
         ctx.log_epoch(stage, logs, ema_model if ema_model is not None else model)
+        if checkpoint is not None:
+            checkpoint.save({"epoch": epoch + 1, "epochs": cfg.epochs, "done": epoch + 1 == cfg.epochs,
+                             "model": model.state_dict(), "ema": ema_model.state_dict() if ema_model is not None else {},
+                             "opt": opt.state_dict(), "stream": stream.buffer, "gen": gen.get_state(),
+                             "rng": torch.get_rng_state()})
     out = ema_model if ema_model is not None else model
     return out.eval()
 

@@ -119,7 +119,7 @@ class MCR(Defense):
             return epoch_logger(ctx, "mcr-curve", point)(epoch, logs)
 
         train(model, ctx.clean, p.curve_sgd(), rt, seed=ctx.seed + 1, params=list(theta.values()),
-              loss_fn=curve_loss(w1, theta, w2, p.l2, gen), on_epoch=on_epoch)
+              loss_fn=curve_loss(w1, theta, w2, p.l2, gen), on_epoch=on_epoch, generators=(gen,))
         with torch.no_grad():
             for name, value in bezier(p.t, w1, theta, w2).items():
                 model.get_parameter(name).copy_(value)

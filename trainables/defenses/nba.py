@@ -267,7 +267,7 @@ def distil(student: nn.Module, teacher: nn.Module, ctx: DefenseContext, p: Param
                     weight_decay=p.weight_decay, schedule="multistep", milestones=(p.lr_drop_epoch,),
                     gamma=p.lr_gamma, max_grad_norm=p.max_grad_norm)
     return train(student, ctx.clean, cfg, ctx.rt, seed=ctx.seed + 1, loss_fn=loss, augment=True,
-                 params=student.parameters(), on_epoch=on_epoch)
+                 params=student.parameters(), on_epoch=on_epoch, generators=(loss.gen,))
 
 
 @register_defense

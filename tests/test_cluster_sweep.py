@@ -1,0 +1,367 @@
+"""A reduced quickstart sweep, end to end through the CLI, on a real two-node Ray cluster whose
+nodes share no disk (``tests/cluster_harness.py``): PostgreSQL (MLflow's store and Optuna's
+studies), an ``mlflow server`` with proxied artifacts, a moto S3 server holding the sweep's storage,
+a Ray head (1 CPU) and a second node (1 CPU) in its own mount namespace that cannot see the test's
+folders, the driver's work directory among them. Nothing is mocked: the driver is ``python -m sweep
+quickstart --address ... --tracking-uri http://... --storage s3://... --optuna-storage
+postgresql+psycopg2://...`` as a subprocess.
+
+* ``test_sweep_spreads_over_both_nodes_and_shares_only_through_s3_and_mlflow``: the sweep exits 0;
+  its trials ran on both nodes (the ``ray_node_id`` tags of the trial runs are exactly the two
+  nodes); every run of the sweep is FINISHED; every trial's ``model.pt`` downloads through the
+  MLflow server and loads as a ``state_dict`` with ``weights_only=True``; the second node never
+  saw the driver's folder, and the S3 bucket holds the attack stages' cache manifests and files
+  (``run/cache/``), the Tune experiments with the trials' checkpoints
+  (``run/sweeps/<id>/ray/``) and the sweep state's mirror.
+* ``test_a_node_lost_mid_trial_is_retried_on_the_head_and_the_sweep_finishes``: a second sweep
+  (its own work directory; the attack stages come from S3); the second node is SIGKILLed while
+  it runs a trial; the sweep still exits 0, every run is FINISHED (none RUNNING, no duplicate
+  trial run: the lost trial's run is reattached), the lost trial is recovered (its run carries
+  ``last_error``) and finishes on the head, and every trial that finished after the kill ran on
+  the head.
+
+The servers and the cluster start once per module; each sweep takes a few minutes on 2 shared CPU
+cores (the second less: its attack stages are cached in S3).
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # loopback only, before ray loads
+
+import cluster_harness as ch  # after the environment above is set
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the isolated node mounts tmpfs: needs root"),
+    pytest.mark.skipif(not (ch.PG_BIN / "postgres").exists(), reason=f"no PostgreSQL server in {ch.PG_BIN}"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_TIMEOUT = 1500          # seconds for one sweep on 2 shared cores (it takes a few minutes)
+TIMEOUT = 120                 # seconds for any one remote call
+# the GCS declares a node dead after 3 failed health checks 0.5 s apart (defaults: 3 s x 5)
+FAST_HEALTH_CHECK = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
+PREFIX = "run"                # the sweep's storage: s3://<bucket>/run
+# The quickstart (BadNets and Blend; NBA searched, FT at its paper default) cut to minutes: a
+# smaller synthetic set, 3-epoch attack stages, 1-epoch defenses, 2 NBA trials per attack. FT
+# runs its paper default only, so its two trials (one per attack) run together in ONE Tuner of
+# fixed cases, and each NBA Tuner runs its 2 trials at once: with 1 CPU per node and per trial, every Tuner
+# puts one trial on each node. 6 trials, 2 attack stages (also one per node).
+SETS = ["dataset=synthetic:1000:400", "budget.attack.epochs=3", "budget.defense_epochs=1",
+        "budget.epoch_eval_size=200", "defenses.nba.params={teacher_epochs: 1, pgd_steps: 1, max_grad_norm: 5.0}",
+        "defenses.ft.num_samples=1", "search.num_samples=2", "search.cross_check=false", "max_failures=0"]
+N_TRIALS = 6                  # 2 FT paper defaults + 2 attacks x 2 NBA trials
+N_STAGES = 2
+
+
+@dataclass
+class Cluster:
+    root: Path
+    pg: ch.Postgres
+    mlflow: ch.MlflowServer
+    s3: ch.S3
+    head: ch.RayHead
+    node: ch.WorkerNode
+    head_id: str
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    root = ch.make_root("bss-")
+    started = []
+    try:
+        pg = ch.start_postgres(root)
+        started.append(pg)
+        mlflow = ch.start_mlflow_server(pg.dsn, root / "mlflow-artifacts", root / "logs")
+        started.append(mlflow)
+        s3 = ch.start_s3(root)
+        started.append(s3)
+        # every node's workers reach S3 with the same credentials; each keeps its node-local copy
+        # of the stored attack stages in a folder of its own (the head's: hidden from node2 too)
+        head = ch.start_ray_head(root / "head", num_cpus=1,
+                                 env={**FAST_HEALTH_CHECK, **s3.env, "SWEEP_LOCAL_CACHE": str(root / "head" / "cache")})
+        started.append(head)
+        # the second node sees none of root: not the drivers' work dirs, the servers' data or the head's
+        node = ch.start_isolated_worker_node(head.address, [root], num_cpus=1, head=head, node_dir=root / "n2",
+                                             env={**s3.env, "SWEEP_LOCAL_CACHE": str(root / "n2" / "cache")})
+        started.append(node)
+        (root / "driver").mkdir()
+        head_id = _check_nodes(head, node, root / "driver")
+        yield Cluster(root, pg, mlflow, s3, head, node, head_id)
+    finally:
+        for handle in reversed(started):
+            handle.stop()
+        leftovers = [p for handle in started for p in handle.processes()]
+        if os.environ.get("CLUSTER_SWEEP_KEEP_LOGS"):    # the services' and the sweeps' logs, Ray's
+            keep = Path(os.environ["CLUSTER_SWEEP_KEEP_LOGS"]) / root.name
+            shutil.copytree(root / "logs", keep / "logs", dirs_exist_ok=True)
+            shutil.copytree(root / "head" / "ray", keep / "head-ray", dirs_exist_ok=True, symlinks=True,
+                            ignore=shutil.ignore_patterns("*.sock", "sockets", "session_latest"))
+        shutil.rmtree(root, ignore_errors=True)
+        assert not leftovers, f"processes left after stop(): {leftovers}"
+
+
+def _check_nodes(head: ch.RayHead, node: ch.WorkerNode, driver_dir: Path) -> str:
+    """The head's node id, once both nodes are alive and node2 is shown blind to ``driver_dir``
+    (the driver's files reach it only through S3) while the head sees it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    (driver_dir / "probe.txt").write_text("on the driver's disk only")
+    with ch.ray_driver(head) as ray:
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        head_id = next(n["NodeID"] for n in alive if "node:__internal_head__" in n["Resources"])
+        assert {n["NodeID"] for n in alive} == {head_id, node.node_id}, alive
+
+        @ray.remote(num_cpus=0)
+        def sees(path):
+            import os
+
+            return os.path.exists(path)
+
+        def on(node_id):
+            return sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+
+        probe = str(driver_dir / "probe.txt")
+        assert ray.get(on(node.node_id).remote(probe), timeout=TIMEOUT) is False, "node2 sees the driver's folder"
+        assert ray.get(on(head_id).remote(probe), timeout=TIMEOUT) is True
+    (driver_dir / "probe.txt").unlink()
+    return head_id
+
+
+# ============================================================================ the driver
+
+@dataclass
+class Sweep:
+    service: ch._Service
+    workdir: Path
+
+    @property
+    def log(self) -> str:
+        return self.service.log_path.read_text(errors="replace")
+
+    def tail(self, n: int = 80) -> str:
+        return "\n--- CLI output (tail) ---\n" + self.service.log_tail(n)
+
+    def wait(self, timeout: float = SWEEP_TIMEOUT) -> int:
+        try:
+            return self.service.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.service.stop()
+            pytest.fail(f"the sweep did not end within {timeout} s{self.tail()}")
+
+    def sweep_id(self) -> str:
+        found = re.findall(r"^sweep (\S+): \d+ attack stage", self.log, re.M)
+        assert len(found) == 1, f"no (or more than one) sweep id in the CLI output{self.tail()}"
+        return found[0]
+
+
+def start_sweep(c: Cluster, name: str) -> Sweep:
+    """``python -m sweep quickstart`` joining the cluster, in its own session (stopped with it)."""
+    workdir = c.root / name
+    workdir.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "SWEEP_STORAGE",
+                        "SWEEP_OPTUNA_STORAGE", "SWEEP_WORKDIR", "SWEEP_LOCAL_CACHE", "SWEEP_CACHE_DIR")}
+    env.update({**c.head.env, **c.s3.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"})
+    cmd = [sys.executable, "-m", "sweep", "quickstart", "--workdir", workdir, "--address", c.head.address,
+           "--tracking-uri", c.mlflow.url, "--storage", f"s3://{c.s3.bucket}/{PREFIX}",
+           "--storage-endpoint", c.s3.endpoint, "--optuna-storage", c.pg.optuna_uri]
+    for s in SETS:
+        cmd += ["--set", s]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return Sweep(ch._Service(f"sweep-{name}", cmd, c.root / "logs" / f"sweep-{name}.log", env=env, cwd=str(workdir)),
+                 workdir)
+
+
+@pytest.fixture
+def sweeps():
+    """The sweeps a test starts: stopped (with every process of theirs) at its end."""
+    started: list[Sweep] = []
+    yield started
+    for s in started:
+        s.service.stop(grace=30)
+        assert not s.service.processes(), f"the sweep driver left processes: {s.service.processes()}"
+
+
+# ============================================================================ reading back
+
+def sweep_runs(c: Cluster, sweep_id: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=c.mlflow.url)
+    exp = client.get_experiment_by_name("quickstart")
+    assert exp is not None, "no MLflow experiment 'quickstart' on the server"
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.sweep_id = '{sweep_id}'", max_results=1000)
+
+
+def by_role(runs) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for r in runs:
+        out.setdefault(r.data.tags.get("role"), []).append(r)
+    return out
+
+
+def describe(runs) -> str:
+    return "\n".join(f"  {r.info.run_name} {r.info.status} role={r.data.tags.get('role')} "
+                     f"node={r.data.tags.get('ray_node_id')} error={r.data.tags.get('error', '')[:200]!r} "
+                     f"last_error={r.data.tags.get('last_error', '')[:200]!r}" for r in runs)
+
+
+def s3_keys(c: Cluster, prefix: str) -> list[str]:
+    """The objects under ``prefix`` (not the empty folder markers pyarrow leaves)."""
+    client = c.s3.client()
+    keys, token = [], None
+    while True:
+        kw = {"ContinuationToken": token} if token else {}
+        page = client.list_objects_v2(Bucket=c.s3.bucket, Prefix=prefix, **kw)
+        keys += [o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        token = page.get("NextContinuationToken")
+        if not token:
+            return keys
+
+
+def check_finished_sweep(c: Cluster, sweep: Sweep, rc: int):
+    """rc 0, every run FINISHED, the expected runs: (sweep id, runs by role)."""
+    assert rc == 0, f"the sweep exited {rc}{sweep.tail()}"
+    sid = sweep.sweep_id()
+    runs = sweep_runs(c, sid)
+    roles = by_role(runs)
+    not_finished = [r for r in runs if r.info.status != "FINISHED"]
+    assert not not_finished, f"runs not FINISHED:\n{describe(not_finished)}{sweep.tail()}"
+    assert len(roles.get("sweep", [])) == 1, describe(runs)
+    assert len(roles.get("attack", [])) == N_STAGES, describe(runs)
+    # one run per trial: a retried trial reattaches its run instead of opening another
+    assert len(roles.get("defense", [])) == N_TRIALS, f"expected {N_TRIALS} trial runs:\n{describe(runs)}"
+    assert len({r.data.tags["ray_trial_id"] for r in roles["defense"]}) == N_TRIALS
+    for r in roles["defense"]:
+        assert r.data.tags["fully_trained"] == "true", describe([r])
+    return sid, roles
+
+
+# ============================================================================ the tests
+
+def test_sweep_spreads_over_both_nodes_and_shares_only_through_s3_and_mlflow(cluster, sweeps, tmp_path):
+    import json
+
+    import torch
+    from mlflow import MlflowClient
+
+    c = cluster
+    sweep = start_sweep(c, "driver")
+    sweeps.append(sweep)
+    t0 = time.monotonic()
+    rc = sweep.wait()
+    print(f"\nsweep 1 (both nodes): {time.monotonic() - t0:.0f} s")
+    sid, roles = check_finished_sweep(c, sweep, rc)
+    trials = roles["defense"]
+
+    # 1. the trials ran on both nodes
+    nodes = {r.data.tags.get("ray_node_id") for r in trials}
+    assert nodes == {c.head_id, c.node.node_id}, (
+        f"trial nodes {nodes} != head {c.head_id} + node2 {c.node.node_id}:\n{describe(trials)}{sweep.tail()}")
+
+    # 2. every trial's model, proxied by the server (never a path), loads as a state_dict
+    client = MlflowClient(tracking_uri=c.mlflow.url)
+    keys = None
+    for r in trials:
+        assert r.info.artifact_uri.startswith("mlflow-artifacts:"), r.info.artifact_uri
+        dst = tmp_path / r.info.run_id
+        dst.mkdir()
+        local = client.download_artifacts(r.info.run_id, "model/model.pt", str(dst))
+        state = torch.load(local, map_location="cpu", weights_only=True)
+        assert isinstance(state, dict) and state, f"{r.info.run_name}: model.pt is not a state_dict"
+        assert all(isinstance(v, torch.Tensor) for v in state.values()), r.info.run_name
+        assert keys is None or set(state) == keys, "the trials' models differ in their parameters"
+        keys = set(state)
+        assert any(torch.count_nonzero(v) for v in state.values() if v.is_floating_point())
+    assert keys and any(k.endswith("weight") for k in keys)
+
+    # 3. what the nodes shared went through S3: the attack stages (manifest last, naming a
+    # complete writer folder), the Tune experiments with each trial's checkpoint, the sweep state
+    hashes = {r.data.tags["attack_hash"] for r in roles["attack"]}
+    assert len(hashes) == N_STAGES
+    cache_keys = s3_keys(c, f"{PREFIX}/cache/")
+    for h in hashes:
+        manifest_key = f"{PREFIX}/cache/{h}/manifest.json"
+        assert manifest_key in cache_keys, f"no cache manifest for stage {h} in S3: {cache_keys}"
+        body = c.s3.client().get_object(Bucket=c.s3.bucket, Key=manifest_key)["Body"].read()
+        manifest = json.loads(body)
+        stored = {k.rsplit("/", 1)[1] for k in cache_keys if k.startswith(f"{PREFIX}/cache/{h}/{manifest['folder']}/")}
+        assert set(manifest["files"]) <= stored and "model.pt" in stored, (h, manifest, stored)
+    # the stages finished: their epoch checkpoints were cleared
+    assert not [k for k in cache_keys if "/.checkpoints/" in k], cache_keys
+    ray_keys = s3_keys(c, f"{PREFIX}/sweeps/{sid}/ray/")
+    assert ray_keys, f"no Tune experiment under s3://{c.s3.bucket}/{PREFIX}/sweeps/{sid}/ray/"
+    tuners = {k.split("/")[4] for k in ray_keys}
+    assert tuners == {"defaults", "badnets__nba", "blend__nba"}, tuners
+    for t in tuners:
+        assert any(re.search(rf"/ray/{t}/experiment_state-[^/]*\.json$", k) for k in ray_keys), (t, ray_keys)
+    checkpoints = [k for k in ray_keys if re.search(r"/checkpoint_\d+/model\.pt$", k)]
+    assert len(checkpoints) >= N_TRIALS, f"{len(checkpoints)} trial checkpoints in S3: {ray_keys}"
+    assert f"{PREFIX}/sweeps/{sid}/sweep.json" in s3_keys(c, f"{PREFIX}/sweeps/{sid}/sweep.json")
+    # and the driver's work dir holds the sweep's own files only on the driver's side
+    assert (sweep.workdir / "sweeps" / sid / "sweep.json").is_file()
+    assert (sweep.workdir / "sweeps" / sid / "report" / "best_configs.yaml").is_file(), sweep.tail()
+
+
+def _busy_trial_worker(node: ch.WorkerNode, seen: set) -> str | None:
+    """The process title of a Ray worker of ``node`` running a Tune trial, if any (Ray names a
+    busy worker ``ray::<actor>.<method>``; attack stages run as ``ray::attack-stage-...``);
+    ``seen`` collects every ``ray::`` title met (for the failure message)."""
+    import psutil
+
+    for p in node.processes():
+        try:
+            title = " ".join(p.cmdline()).strip()
+        except psutil.Error:
+            continue
+        if title.startswith("ray::"):
+            seen.add(title)
+            if ".train" in title:
+                return title
+    return None
+
+
+def test_a_node_lost_mid_trial_is_retried_on_the_head_and_the_sweep_finishes(cluster, sweeps):
+    c = cluster
+    alive = c.node.service.popen.poll() is None
+    assert alive, "node2 is not running"
+    stored_before = [k for k in s3_keys(c, f"{PREFIX}/cache/") if k.endswith("/manifest.json")]
+    sweep = start_sweep(c, "driver2")
+    sweeps.append(sweep)
+    t0 = time.monotonic()
+    # wait until node2 runs a trial, then lose it (SIGKILL of every process of the node)
+    title, seen = None, set()
+    while title is None:
+        assert sweep.service.popen.poll() is None, \
+            f"the sweep ended before node2 ran a trial (its workers: {sorted(seen)}){sweep.tail()}"
+        assert time.monotonic() - t0 < SWEEP_TIMEOUT, f"node2 ran no trial (its workers: {sorted(seen)}){sweep.tail()}"
+        title = _busy_trial_worker(c.node, seen)
+        time.sleep(0.5)
+    kill_ms = int(time.time() * 1000)
+    c.node.kill()
+    print(f"\nnode2 killed {time.monotonic() - t0:.0f} s into sweep 2, while running {title!r}")
+    assert c.node.processes() == []
+    rc = sweep.wait()
+    print(f"sweep 2 (node2 lost): {time.monotonic() - t0:.0f} s")
+    sid, roles = check_finished_sweep(c, sweep, rc)
+    trials = roles["defense"]
+
+    # the lost trial was recovered (Tune's on_trial_recover tags its run) and finished on the head
+    recovered = [r for r in trials if r.data.tags.get("last_error")]
+    assert recovered, f"no trial run was recovered after node2's loss:\n{describe(trials)}{sweep.tail()}"
+    assert all(r.data.tags["ray_node_id"] == c.head_id for r in recovered), describe(recovered)
+    # whatever finished after the kill ran on the head
+    after = [r for r in trials if r.info.end_time > kill_ms]
+    assert after and {r.data.tags["ray_node_id"] for r in after} == {c.head_id}, describe(trials)
+    assert {r.data.tags["ray_node_id"] for r in trials} <= {c.head_id, c.node.node_id}
+    if stored_before:   # the first sweep trained and stored the stages: this one only fetched them
+        assert all(r.data.tags["cached"] == "true" for r in roles["attack"]), describe(roles["attack"])
