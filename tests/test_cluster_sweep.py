@@ -57,7 +57,7 @@ PREFIX = "run"                # the sweep's storage: s3://<bucket>/run
 # puts one trial on each node. 6 trials, 2 attack stages (also one per node).
 SETS = ["dataset=synthetic:1000:400", "budget.attack.epochs=3", "budget.defense_epochs=1",
         "budget.epoch_eval_size=200", "defenses.nba.params={teacher_epochs: 1, pgd_steps: 1, max_grad_norm: 5.0}",
-        "defenses.ft.num_samples=1", "search.num_samples=2", "search.cross_check=false", "max_failures=0"]
+        "defenses.ft.num_samples=1", "search.num_samples=2", "search.cross_check=false", "max_failures=2"]
 N_TRIALS = 6                  # 2 FT paper defaults + 2 attacks x 2 NBA trials
 N_STAGES = 2
 
@@ -100,11 +100,14 @@ def cluster():
         for handle in reversed(started):
             handle.stop()
         leftovers = [p for handle in started for p in handle.processes()]
-        if os.environ.get("CLUSTER_SWEEP_KEEP_LOGS"):    # the services' and the sweeps' logs, Ray's
+        if os.environ.get("CLUSTER_SWEEP_KEEP_LOGS"):    # keep the services', the sweeps' and Ray's logs
             keep = Path(os.environ["CLUSTER_SWEEP_KEEP_LOGS"]) / root.name
-            shutil.copytree(root / "logs", keep / "logs", dirs_exist_ok=True)
-            shutil.copytree(root / "head" / "ray", keep / "head-ray", dirs_exist_ok=True, symlinks=True,
-                            ignore=shutil.ignore_patterns("*.sock", "sockets", "session_latest"))
+            try:
+                shutil.copytree(root / "logs", keep / "logs", dirs_exist_ok=True)
+                shutil.copytree(root / "head" / "ray", keep / "head-ray", dirs_exist_ok=True, symlinks=True,
+                                ignore=shutil.ignore_patterns("*.sock", "sockets", "session_latest"))
+            except (shutil.Error, OSError) as e:
+                print(f"keeping the logs in {keep}: {e}")
         shutil.rmtree(root, ignore_errors=True)
         assert not leftovers, f"processes left after stop(): {leftovers}"
 
@@ -147,8 +150,13 @@ class Sweep:
     def log(self) -> str:
         return self.service.log_path.read_text(errors="replace")
 
-    def tail(self, n: int = 80) -> str:
-        return "\n--- CLI output (tail) ---\n" + self.service.log_tail(n)
+    def tail(self, n: int = 60) -> str:
+        """The last ``n`` lines of the CLI's output, Tune's tables left out, and every line
+        that reports a failure."""
+        lines = [ln for ln in self.log.splitlines() if ln.strip() and not ln.lstrip().startswith(tuple("│╭╰├"))]
+        failures = [ln for ln in lines[:-n] if re.search(r"FAILED|error:|Error", ln)]
+        return ("\n--- CLI output: failures ---\n" + "\n".join(failures[-20:]) if failures else "") + \
+            f"\n--- CLI output (tail; {self.service.log_path}) ---\n" + "\n".join(lines[-n:])
 
     def wait(self, timeout: float = SWEEP_TIMEOUT) -> int:
         try:

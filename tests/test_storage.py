@@ -214,6 +214,21 @@ def test_second_node_fetches_instead_of_building(storage, tmp_path):
     assert node_b.get_or_build("h1", _builder(calls), quiet) == (path_b, False) and calls == [1]
 
 
+def test_a_node_copy_missing_from_the_storage_is_published(storage, tmp_path):
+    """A node's copy left from another storage (or one since emptied): the other nodes read the
+    storage, so a hit on this node publishes the entry there first (lookup and get_or_build)."""
+    quiet, calls = (lambda m: None), []
+    ArtifactCache(tmp_path / "node", None).get_or_build("h1", _builder(calls), quiet)
+    msgs = []
+    assert ArtifactCache(tmp_path / "node", storage).lookup("h1", msgs.append) == tmp_path / "node" / "h1"
+    assert any("publishing" in m for m in msgs)
+    path, built = ArtifactCache(tmp_path / "other", storage).get_or_build("h1", _builder(calls), quiet)
+    assert not built and calls == [1] and _files(path) == _files(tmp_path / "node" / "h1")
+    ArtifactCache(tmp_path / "node", None).get_or_build("h2", _builder(calls), quiet)
+    assert ArtifactCache(tmp_path / "node", storage).get_or_build("h2", _builder(calls), quiet)[1] is False
+    assert ArtifactCache(tmp_path / "third", storage).lookup("h2", quiet) is not None and calls == [1, 1]
+
+
 def test_local_only_cache_writes_nothing_remote(s3, tmp_path):
     cache = cache_for(tmp_path / "a", None)
     assert cache.remote is None

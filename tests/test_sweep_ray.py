@@ -13,6 +13,7 @@
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,14 +46,14 @@ def _use_plugin(monkeypatch, module):
     monkeypatch.setenv("SWEEP_PLUGINS", module)
 
 
-def _client(workdir):
+def _client(workdir=None, tracking_uri=None):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    return MlflowClient(tracking_uri=tracking_uri or f"sqlite:///{workdir}/mlflow.db")
 
 
-def _all_runs(workdir):
-    c = _client(workdir)
+def _all_runs(workdir=None, tracking_uri=None):
+    c = _client(workdir, tracking_uri)
     exps = [e.experiment_id for e in c.search_experiments()]
     return c, c.search_runs(exps, max_results=5000)
 
@@ -276,11 +277,12 @@ def test_a_sweep_whose_every_stage_fails_exits_nonzero(tmp_path, monkeypatch, ca
 # ============================================================================ kill and resume
 
 DRIVER = """
-import json, sys
+import json, os, sys
 from sweep.preset import load_preset
 from sweep.runner import run_sweep
 cfg = load_preset("quickstart", json.loads(sys.argv[2]))
-res = run_sweep(cfg, workdir=sys.argv[1], resume=sys.argv[3] == "resume", progress=print)
+res = run_sweep(cfg, workdir=sys.argv[1], resume=sys.argv[3] == "resume", progress=print,
+                optuna_storage=os.environ.get("SWEEP_OPTUNA_STORAGE"))
 print("RESULT " + json.dumps({"status": res.status, "trained": res.trained_stages, "trials": res.trials}))
 """
 
@@ -313,24 +315,48 @@ def _driver(workdir, overrides, mode, env, log):
                             start_new_session=True)
 
 
-def test_killed_driver_resumes_without_duplicates_and_trains_the_attack_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["workdir", "storage"])
+def test_killed_driver_resumes_without_duplicates_and_trains_the_attack_once(where, tmp_path, monkeypatch):
+    """``workdir``: the driver is killed and started again on the same work directory.
+    ``storage``: the sweep keeps what it shares in a storage (a folder standing in for S3 or a
+    mount), its runs in a tracking store and its studies in an RDB outside the work directory; the
+    new driver starts from an EMPTY work directory, as one on another node would after the head
+    was lost, and continues from those alone."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
     from sweep.runner import run_sweep
 
     workdir = tmp_path / "w"
     workdir.mkdir()
-    fifo = workdir / "trial-paused.fifo"
+    fifo = tmp_path / "trial-paused.fifo"
     os.mkfifo(fifo)
+    shared = tmp_path / "shared"
+    store = shared / "store"
     # a short Ray temp dir (socket paths) holding a stale ray_current_cluster of a dead cluster:
     # both drivers must start their own local Ray instead of trying to join it
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     (ray_tmp / "ray").mkdir()
     (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
+    state_root = store if where == "storage" else workdir
     env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               SWEEP_PLUGINS="sweep_pause_fourth_trial",
+               SWEEP_PLUGINS="sweep_pause_fourth_trial", PAUSE_FIFO=str(fifo), PAUSE_COUNTERS=str(tmp_path / "starts"),
+               PAUSE_STATE_GLOB=str(state_root / "sweeps" / "*" / "ray" / "*" / "experiment_state-*.json"),
                PYTHONPATH=os.pathsep.join([str(ROOT), str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
-    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "SWEEP_OPTUNA_STORAGE", "SWEEP_STORAGE"):
         env.pop(var, None)
     overrides = TINY + ["defenses.ft=null", "search.num_samples=10", "search.max_concurrent=2"]
+    tracking, optuna_url = f"sqlite:///{workdir}/mlflow.db", None
+    if where == "storage":
+        shared.mkdir()
+        overrides.append(f"storage.uri={store}")
+        tracking, optuna_url = f"sqlite:///{shared}/mlflow.db", f"sqlite:///{shared}/optuna.db"
+        # the tracking store stands in for a server: its artifacts too live off the driver's disk
+        _client(tracking_uri=tracking).create_experiment("quickstart", artifact_location=(shared / "art").as_uri())
+        env.update(MLFLOW_TRACKING_URI=tracking, SWEEP_OPTUNA_STORAGE=optuna_url,
+                   SWEEP_LOCAL_CACHE=str(tmp_path / "node-cache"))
+    cache_dir = (store if where == "storage" else workdir) / "cache"
     log = tmp_path / "driver.log"
 
     # the plugin pauses the 4th trial (two done, two running) and says so through the FIFO
@@ -344,33 +370,40 @@ def test_killed_driver_resumes_without_duplicates_and_trains_the_attack_once(tmp
     finally:
         # the killed driver's Ray processes must not outlive the test
         _kill_all(family)
-    cache_entries = [p for p in (workdir / "cache").iterdir() if not p.name.startswith(".")]
+    cache_entries = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
     assert len(cache_entries) == 1, cache_entries
     manifest_time = (cache_entries[0] / "manifest.json").stat().st_mtime_ns
-    c, runs = _all_runs(workdir)
+    c, runs = _all_runs(tracking_uri=tracking)
     left_open = [r.data.tags["role"] for r in runs if r.info.status == "RUNNING"]
     assert "sweep" in left_open and "defense" in left_open, left_open     # the crash left runs open
 
     # resume (here, in-process) with the same stale cluster file in Ray's temp dir
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("SWEEP_PLUGINS", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for var in ("RAY_ADDRESS", "SWEEP_PLUGINS", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    if where == "storage":
+        shutil.rmtree(workdir)            # the new driver's node has never seen the old one's disk
+        shutil.rmtree(tmp_path / "node-cache")
+        monkeypatch.setenv("SWEEP_LOCAL_CACHE", str(tmp_path / "node-cache-2"))
+        workdir = tmp_path / "w2"
     said = []
-    res = run_sweep(load_preset("quickstart", overrides), workdir=workdir, resume=True, progress=said.append)
+    res = run_sweep(load_preset("quickstart", overrides), workdir=workdir, resume=True, progress=said.append,
+                    tracking_uri=tracking, optuna_storage=optuna_url)
     assert res.status == "FINISHED", said
     assert any("resuming the interrupted Tuner" in m for m in said), said
     assert res.trained_stages == []                       # the resumed driver trained no attack stage
 
-    c, runs = _all_runs(workdir)
+    c, runs = _all_runs(tracking_uri=tracking)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     trials = [r for r in runs if r.data.tags["role"] == "defense"]
     attack_runs = [r for r in runs if r.data.tags["role"] == "attack"]
     ids = [r.data.tags["ray_trial_id"] for r in trials]
     assert len(trials) == 10 and len(set(ids)) == 10, ids      # no duplicate run for a restored trial
     assert all(r.info.status == "FINISHED" and r.data.tags["fully_trained"] == "true" for r in trials)
+    for r in trials:                                           # every trial's model reached MLflow
+        assert "model/model.pt" in {a.path for a in c.list_artifacts(r.info.run_id, "model")}, r.data.tags["ray_trial_id"]
     # one attack stage, trained once: one cache entry, untouched by the resume, one attack run
-    assert [p for p in (workdir / "cache").iterdir() if not p.name.startswith(".")] == cache_entries
+    assert [p for p in cache_dir.iterdir() if not p.name.startswith(".")] == cache_entries
     assert (cache_entries[0] / "manifest.json").stat().st_mtime_ns == manifest_time
     assert len(attack_runs) == 1 and attack_runs[0].info.status == "FINISHED"
     assert attack_runs[0].data.tags["cached"] == "false"
@@ -379,11 +412,10 @@ def test_killed_driver_resumes_without_duplicates_and_trains_the_attack_once(tmp
     assert parent.info.status == "FINISHED" and parent.info.run_id == res.parent_run_id
     state = json.loads(next((workdir / "sweeps").glob("*/sweep.json")).read_text())
     assert state["status"] == "finished" and state["phases"]["badnets__nba"] == "done"
+    if where == "storage":                # the stored copy of the state is the finished one
+        assert json.loads(next((store / "sweeps").glob("*/sweep.json")).read_text())["status"] == "finished"
+        assert not any((store / "sweeps").glob("*/.checkpoints/*/*")), "a finished trial's checkpoints remain"
     # the study holds the 10 trials, every one COMPLETE (restored trials told once)
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    study = optuna.load_study(study_name=f"{res.sweep_id}:badnets:nba",
-                              storage=JournalStorage(JournalFileBackend(str(workdir / "optuna.journal"))))
+    studies = optuna_url or JournalStorage(JournalFileBackend(str(workdir / "optuna.journal")))
+    study = optuna.load_study(study_name=f"{res.sweep_id}:badnets:nba", storage=studies)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 10

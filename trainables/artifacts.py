@@ -107,7 +107,7 @@ class ArtifactCache:
         else None."""
         hit = self._local(key_hash)
         if hit is not None or self.remote is None:
-            return hit
+            return self._shared(key_hash, hit, progress)
         with self._lock(key_hash):
             return self._local(key_hash) or self._fetch(key_hash, progress)
 
@@ -117,7 +117,7 @@ class ArtifactCache:
         an entry found there is fetched instead of built, and a new build is published."""
         hit = self._local(key_hash)
         if hit is not None:
-            return hit, False
+            return self._shared(key_hash, hit, progress), False
         with self._lock(key_hash):
             hit = self._local(key_hash)          # another producer finished while we waited
             if hit is not None:
@@ -140,6 +140,15 @@ class ArtifactCache:
             if self.remote is not None:
                 self._publish(key_hash, final, progress)
             return final, True
+
+    def _shared(self, key_hash: str, hit: Path | None, progress) -> Path | None:
+        """``hit``, a verified local entry, published first if the remote lacks it: the node's copy
+        may come from another storage (or one since emptied), and the other nodes read the
+        remote."""
+        if hit is not None and self.remote is not None and self._remote_manifest(key_hash, progress) is None:
+            progress(f"cache entry {key_hash} is on this node only: publishing it to {self.remote.url(self.prefix)}")
+            self._publish(key_hash, hit, progress)
+        return hit
 
     def _discard(self, key_hash: str) -> None:
         aside = self.root / f".corrupt-{key_hash}-{int(time.time())}-{uuid.uuid4().hex[:8]}"

@@ -1,7 +1,11 @@
 """Test plugin: the fourth trial of a sweep to start pauses for good, once Ray Tune's saved
-experiment state knows it, after telling the test through the FIFO ``<workdir>/trial-paused.fifo``;
-the test then kills the driver at a known point (two trials done, two running, all four in the
-state a resumed Tuner restores)."""
+experiment state knows it, after telling the test through a FIFO; the test then kills the driver
+at a known point (two trials done, two running, all four in the state a resumed Tuner restores).
+
+Where things are comes from the environment, since a trial's own folder says nothing of it when
+its outputs go to a storage: ``PAUSE_FIFO`` (the FIFO), ``PAUSE_COUNTERS`` (a folder to count
+trial starts in) and ``PAUSE_STATE_GLOB`` (the Tune experiment-state files to look in)."""
+import glob
 import os
 import threading
 import time
@@ -12,21 +16,21 @@ from trainables.plugins import register_trial_hook
 PAUSE_AT = 4
 
 
-def _claim_start_number(trials_dir: Path) -> int:
-    trials_dir.mkdir(parents=True, exist_ok=True)
+def _claim_start_number(counters: Path) -> int:
+    counters.mkdir(parents=True, exist_ok=True)
     n = 1
     while True:
         try:
-            os.close(os.open(trials_dir / f".started-{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(counters / f".started-{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             return n
         except FileExistsError:
             n += 1
 
 
-def _state_knows(sweep_dir: Path, trial_id: str) -> bool:
-    for path in (sweep_dir / "ray").glob("*/experiment_state-*.json"):
+def _state_knows(pattern: str, trial_id: str) -> bool:
+    for path in glob.glob(pattern):
         try:
-            if trial_id in path.read_text():
+            if trial_id in Path(path).read_text():
                 return True
         except OSError:          # replaced while we read it
             pass
@@ -35,12 +39,11 @@ def _state_knows(sweep_dir: Path, trial_id: str) -> bool:
 
 @register_trial_hook
 def pause_fourth(case, out_dir):
-    trials_dir = out_dir.parent
-    if _claim_start_number(trials_dir) != PAUSE_AT:
+    if _claim_start_number(Path(os.environ["PAUSE_COUNTERS"])) != PAUSE_AT:
         return
-    sweep_dir, workdir = trials_dir.parent, trials_dir.parents[2]
-    while not _state_knows(sweep_dir, out_dir.name):
+    trial_id = out_dir.name.split("-")[1] if out_dir.name.startswith("trial-") else out_dir.name
+    while not _state_knows(os.environ["PAUSE_STATE_GLOB"], trial_id):
         time.sleep(0.2)          # Tune saves its state on its own schedule: wait for the condition
-    with open(workdir / "trial-paused.fifo", "w") as fifo:   # blocks until the test listens
+    with open(os.environ["PAUSE_FIFO"], "w") as fifo:   # blocks until the test listens
         fifo.write(f"{os.getpid()}\n")
     threading.Event().wait()     # paused until the test kills the sweep
