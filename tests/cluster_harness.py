@@ -551,6 +551,29 @@ def ray_driver(head: RayHead, **init_kwargs):
 
 # =============================================================================== checks
 
+def start_servers(root: Path, started: list) -> tuple["Postgres", "MlflowServer", "S3"]:
+    """PostgreSQL, an MLflow server on it (artifacts proxied to ``root/mlflow-artifacts``) and a
+    moto S3 server, each appended to ``started`` as soon as it runs (so a later failure still
+    stops it: :func:`stop_all`)."""
+    pg = start_postgres(root)
+    started.append(pg)
+    mlflow = start_mlflow_server(pg.dsn, root / "mlflow-artifacts", root / "logs")
+    started.append(mlflow)
+    s3 = start_s3(root)
+    started.append(s3)
+    return pg, mlflow, s3
+
+
+def stop_all(started: list, root: Path) -> list:
+    """Stop every handle in ``started`` (last first), remove ``root``; returns the processes that
+    outlived their handle's stop() (a test asserts there are none)."""
+    for handle in reversed(started):
+        handle.stop()
+    leftovers = [p for handle in started for p in handle.processes()]
+    shutil.rmtree(root, ignore_errors=True)
+    return leftovers
+
+
 def listening_sockets(processes) -> list[tuple[int, str, str, int]]:
     """(pid, process name, ip, port) of each listening TCP socket and bound UDP socket."""
     import psutil

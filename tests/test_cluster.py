@@ -8,7 +8,6 @@ listening socket of every process started must be on 127.0.0.1.
 The servers start once per module (about 30 s on 2 cores).
 """
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -50,12 +49,7 @@ def cluster():
     root = ch.make_root()
     started = []
     try:
-        pg = ch.start_postgres(root)
-        started.append(pg)
-        mlflow = ch.start_mlflow_server(pg.dsn, root / "mlflow-artifacts", root / "logs")
-        started.append(mlflow)
-        s3 = ch.start_s3(root)
-        started.append(s3)
+        pg, mlflow, s3 = ch.start_servers(root, started)
         head = ch.start_ray_head(root / "head", num_cpus=1, env=FAST_HEALTH_CHECK)
         started.append(head)
         driver_dir = root / "driver"
@@ -66,10 +60,7 @@ def cluster():
         started.append(node)
         yield Cluster(root, driver_dir, pg, mlflow, s3, head, node)
     finally:
-        for handle in reversed(started):
-            handle.stop()
-        leftovers = [p for handle in started for p in handle.processes()]
-        shutil.rmtree(root, ignore_errors=True)
+        leftovers = ch.stop_all(started, root)
         assert not leftovers, f"processes left after stop(): {leftovers}"
 
 

@@ -78,12 +78,7 @@ def cluster():
     root = ch.make_root("bss-")
     started = []
     try:
-        pg = ch.start_postgres(root)
-        started.append(pg)
-        mlflow = ch.start_mlflow_server(pg.dsn, root / "mlflow-artifacts", root / "logs")
-        started.append(mlflow)
-        s3 = ch.start_s3(root)
-        started.append(s3)
+        pg, mlflow, s3 = ch.start_servers(root, started)
         # every node's workers reach S3 with the same credentials; each keeps its node-local copy
         # of the stored attack stages in a folder of its own (the head's: hidden from node2 too)
         head = ch.start_ray_head(root / "head", num_cpus=1,
@@ -97,9 +92,6 @@ def cluster():
         head_id = _check_nodes(head, node, root / "driver")
         yield Cluster(root, pg, mlflow, s3, head, node, head_id)
     finally:
-        for handle in reversed(started):
-            handle.stop()
-        leftovers = [p for handle in started for p in handle.processes()]
         if os.environ.get("CLUSTER_SWEEP_KEEP_LOGS"):    # keep the services', the sweeps' and Ray's logs
             keep = Path(os.environ["CLUSTER_SWEEP_KEEP_LOGS"]) / root.name
             try:
@@ -108,7 +100,7 @@ def cluster():
                                 ignore=shutil.ignore_patterns("*.sock", "sockets", "session_latest"))
             except (shutil.Error, OSError) as e:
                 print(f"keeping the logs in {keep}: {e}")
-        shutil.rmtree(root, ignore_errors=True)
+        leftovers = ch.stop_all(started, root)
         assert not leftovers, f"processes left after stop(): {leftovers}"
 
 
