@@ -124,3 +124,33 @@ def test_a_defense_trial_stopped_mid_way_goes_on_from_its_checkpoint(defense, ar
     model = {k: torch.load(tmp_path / k / "model.pt", weights_only=True) for k in ("whole", "retried")}
     for name, value in model["whole"].items():
         assert torch.equal(model["retried"][name], value), name
+
+
+def test_an_attack_stage_lost_mid_way_is_rebuilt_from_its_checkpoint(tmp_path, monkeypatch):
+    """The stage's node dies right after its epoch-1 checkpoint: the retry (Ray's, on any node
+    that sees the cache) trains epoch 2 only and ends with the weights of a build never stopped;
+    the finished entry leaves no checkpoint behind."""
+    from trainables import checkpoint as ckpt
+
+    spec = resolve_attack_stage("synthetic:300:100", "wrn-16-1", "badnets", {}, {"epochs": 2, "batch_size": 64}, 0)
+    whole = run_attack_stage(spec, tmp_path / "whole", rt=RT, progress=quiet)
+
+    save = ckpt.Phase.save
+
+    def save_then_die(self, state):
+        save(self, state)
+        if state["epoch"] == 1:
+            raise NodeLost
+
+    monkeypatch.setattr(ckpt.Phase, "save", save_then_die)
+    with pytest.raises(NodeLost):
+        run_attack_stage(spec, tmp_path / "cache", rt=RT, progress=quiet)
+    monkeypatch.setattr(ckpt.Phase, "save", save)
+    assert open_storage(str(tmp_path / "cache")).list_files(".checkpoints") == [f"{spec.hash()}/phase-0.pt"]
+    lines = []
+    retried = run_attack_stage(spec, tmp_path / "cache", rt=RT, progress=lines.append)
+    assert any("resuming from the checkpoint after epoch 1/2" in line for line in lines)
+    assert sum("epoch 2/2" in line for line in lines) == 1 and not any("epoch 1/2 " in line for line in lines)
+    a, b = (torch.load(p / "model.pt", weights_only=True) for p in (whole, retried))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert open_storage(str(tmp_path / "cache")).list_files(".checkpoints") == []

@@ -139,10 +139,15 @@ def _closed_port() -> int:
     (["--set", "dataset=imagefolder:missing/rel"], "image folder not found: {tmp}/missing/rel"),
     (["--tracking-uri", "http://127.0.0.1:{port}"], "--tracking-uri http://127.0.0.1:{port}: the MLflow tracking "
                                                     "server does not answer ([Errno 111] Connection refused"),
+    (["--storage", "s3://sweep/p", "--storage-endpoint", "http://127.0.0.1:{port}"],
+     "storage.uri: storage s3://sweep/p: cannot reach the S3 endpoint http://127.0.0.1:{port}"),
+    (["--optuna-storage", "postgresql://u:secret@127.0.0.1:{port}/x"],
+     "--optuna-storage postgresql://u:***@127.0.0.1:{port}/x: cannot open it"),
 ])
 def test_a_sweep_with_bad_input_stops_before_any_work(extra, message, tmp_path, capsys, monkeypatch):
-    """A missing image folder or a dead tracking server: one line, exit 2, no sweep directory,
-    no Ray (each would otherwise fail every attack stage, or wait out MLflow's retries)."""
+    """A missing image folder, a dead tracking server, storage or Optuna database: one line
+    (never a password), exit 2, no sweep directory, no Ray (each would otherwise fail every attack
+    stage, or wait out retries)."""
     import os
     import time
 
@@ -153,7 +158,7 @@ def test_a_sweep_with_bad_input_stops_before_any_work(extra, message, tmp_path, 
     start = time.perf_counter()
     code, _, err = run_cli(["quickstart", "--workdir", str(tmp_path / "w"), *extra], capsys)
     assert code == 2
-    assert message.format(port=port, tmp=tmp_path) in err and "Traceback" not in err
+    assert message.format(port=port, tmp=tmp_path) in err and "Traceback" not in err and "secret" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "w").exists()
     assert time.perf_counter() - start < 30
