@@ -44,6 +44,23 @@ class SweepContext:
     def cache(self) -> ArtifactCache:
         return ArtifactCache(self.cache_dir, remote=self.storage)
 
+    @property
+    def checkpoint_dir(self) -> str:
+        """Where trials keep their training checkpoints: a folder of the storage, or of the sweep."""
+        if self.storage is not None:
+            return f"sweeps/{self.state.sweep_id}/.checkpoints"
+        return str(self.state.dir / ".checkpoints")
+
+    def drop_checkpoints(self) -> None:
+        """Trials that failed for good leave their checkpoints: gone once the sweep has ended
+        (a Tuner run again after a failure starts new trials)."""
+        import shutil
+
+        if self.storage is not None:
+            self.storage.delete(self.checkpoint_dir)
+        else:
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
     def tune_storage(self) -> tuple[str, object]:
         """(storage_path, storage_filesystem) of Tuner ``key``'s Ray Tune experiment: the sweep's
         folder, or its place in the storage (where a new driver on another node finds it)."""
@@ -63,9 +80,7 @@ class SweepContext:
                         trials_dir=str(self.state.dir / "trials"), cache_dir=str(self.cache_dir),
                         storage_uri=self.storage.uri if self.storage else None,
                         storage_endpoint=self.storage.endpoint if self.storage else None,
-                        checkpoint_dir=(f"sweeps/{self.state.sweep_id}/.checkpoints" if self.storage
-                                        else str(self.state.dir / ".checkpoints")),
-                        checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
+                        checkpoint_dir=self.checkpoint_dir, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
                         clean_fraction=cfg.clean_fraction, data_root=cfg.data_root,
                         epoch_eval_size=cfg.epoch_eval_size, cpus=cfg.resources.cpus,
                         objectives=tuple(m for m, _ in cfg.search.objectives),

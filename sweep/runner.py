@@ -218,6 +218,8 @@ def _finish(ctx: SweepContext, status: str, result: SweepResult) -> None:
     # MLflow has no PARTIAL run status: FAILED, with the sweep's own status as a tag
     tracker.set_tags(run, {"status": status.lower()})
     tracker.end(run, "FAILED" if status == "PARTIAL" else status)
+    if status in ("FINISHED", "PARTIAL"):       # KILLED/FAILED: --resume restarts trials from them
+        ctx.drop_checkpoints()
     state.data["status"] = status.lower()
     state.save()
     result.status = status

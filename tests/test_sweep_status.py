@@ -131,21 +131,33 @@ def _result(state, **kw):
 
 
 def test_a_partial_sweep_ends_its_parent_run_failed_with_the_status_tag(state):
-    tracker = _Tracker()
-    ctx = SimpleNamespace(tracker=tracker, state=state, parent_run_id="parent")
+    tracker, dropped = _Tracker(), []
+    ctx = SimpleNamespace(tracker=tracker, state=state, parent_run_id="parent",
+                          drop_checkpoints=lambda: dropped.append(True))
     result = _result(state, failed_stages={"blend": "boom"}, failed_pairs={"badnets__ft": "x"})
     _finish(ctx, "PARTIAL", result)
+    assert dropped == [True]          # a failed pair is run afresh: its trials' checkpoints are no use
     assert tracker.ended == "FAILED"                    # MLflow has no PARTIAL run status
     assert tracker.tags == {"status": "partial", "failed_stages": "blend", "failed_pairs": "badnets__ft"}
     assert SweepState.load(state.path).data["status"] == "partial" and result.status == "PARTIAL"
 
 
 def test_a_resumed_sweep_that_finished_drops_the_failure_tags(state):
-    tracker = _Tracker({"status": "partial", "failed_pairs": "badnets__ft"})
-    ctx = SimpleNamespace(tracker=tracker, state=state, parent_run_id="parent")
+    tracker, dropped = _Tracker({"status": "partial", "failed_pairs": "badnets__ft"}), []
+    ctx = SimpleNamespace(tracker=tracker, state=state, parent_run_id="parent",
+                          drop_checkpoints=lambda: dropped.append(True))
     _finish(ctx, "FINISHED", _result(state))
+    assert dropped == [True]
     assert tracker.ended == "FINISHED" and tracker.tags == {"status": "finished"}
     assert SweepState.load(state.path).data["status"] == "finished"
+
+
+def test_a_killed_sweep_keeps_its_trial_checkpoints(state):
+    """--resume restarts the interrupted trials under their ids, from their checkpoints."""
+    ctx = SimpleNamespace(tracker=_Tracker(), state=state, parent_run_id="parent",
+                          drop_checkpoints=lambda: pytest.fail("a killed sweep's checkpoints were dropped"))
+    _finish(ctx, "KILLED", _result(state))
+    assert SweepState.load(state.path).data["status"] == "killed"
 
 
 # ============================================================================ the exit code
