@@ -154,6 +154,10 @@ def defense_trial(config: dict, job: TrialJob) -> None:
         with checkpointing(checkpoints):
             result = run_defense_stage(artifact_dir, dspec, out_dir, data_root=job.data_root,
                                        report=report, epoch_eval_size=job.epoch_eval_size)
+    except BaseException:
+        if job.storage_uri is not None:          # a temporary folder nothing will read now
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     finally:
         _release_memory()
     after, before = result["after"], result["before"]
