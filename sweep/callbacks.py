@@ -154,6 +154,11 @@ def finish_trial_run(tracker: Tracker, run_id: str, last: dict, outputs: Path | 
     tags = {"fully_trained": str(fully).lower(), "ray_node_id": last.get("node_id")}
     if not fully:
         tags["stopped_early"] = "true"
+    if fully and outputs is None:
+        # never silent: the trial's folder is on another node (no --storage and no shared disk)
+        tags["outputs_missing"] = "true"
+        print(f"warning: trial run {run_id} finished but its outputs ({last.get('out_dir')}) are not on this "
+              "node: run with --storage, or a work directory every node mounts")
     tracker.set_tags(run_id, tags)
     if fully and outputs is not None:
         tracker.log_artifacts(run_id, [outputs / f for f in ARTIFACT_FILES], "model")

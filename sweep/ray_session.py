@@ -121,3 +121,13 @@ def check_resources(cfg: SweepConfig, local: bool, progress: Callable[[str], Non
             raise SweepError(problem)
         if problem:
             progress(f"warning: {problem} (now; trials wait until the cluster grows)")
+
+
+def shared_disk_warning(nodes: int, storage, workdir) -> str | None:
+    """What to tell a user whose sweep runs on several nodes with no storage configured: their
+    work directory must then be a mount every node shares, or outputs stay where they were made."""
+    if nodes <= 1 or storage is not None:
+        return None
+    return (f"warning: {nodes} Ray nodes and no --storage: the work directory {workdir} must be a folder "
+            "every node mounts at the same path, or attack stages and trial outputs stay on the node that "
+            "made them (README, 'Cluster')")

@@ -48,7 +48,7 @@ from sweep.context import SweepContext
 from sweep.phases import run_cross_check, run_default_cases, run_searched_pairs
 from sweep.plan import make_plan
 from sweep.config import format_config
-from sweep.ray_session import check_resources, interruptible, ray_session
+from sweep.ray_session import check_resources, interruptible, ray_session, shared_disk_warning
 from sweep.state import SweepState
 from sweep.errors import ConfigError
 from sweep.tracking import Tracker, check_server, flatten, resolve_tracking_uri
@@ -89,6 +89,7 @@ def run_sweep(cfg: SweepConfig, *, workdir: str | Path = "sweep-runs", tracking_
             ctx.tracker.close_open_runs(ctx.state.sweep_id, "KILLED", keep=[ctx.parent_run_id], role="attack")
         with interruptible(), ray_session(cfg, address, progress):
             check_resources(cfg, local=not (address or os.environ.get("RAY_ADDRESS")), progress=progress)
+            _warn_without_storage(ctx)
             run_attack_stages(ctx)
             run_default_cases(ctx)
             run_searched_pairs(ctx)
@@ -108,6 +109,14 @@ def run_sweep(cfg: SweepConfig, *, workdir: str | Path = "sweep-runs", tracking_
         result.trials = _count_trials(ctx.tracker, ctx.state.sweep_id)
         _finish(ctx, status, result)
     return result
+
+
+def _warn_without_storage(ctx: SweepContext) -> None:
+    import ray
+
+    warning = shared_disk_warning(sum(1 for n in ray.nodes() if n.get("Alive")), ctx.storage, ctx.workdir)
+    if warning:
+        ctx.progress(warning)
 
 
 def preflight(cfg: SweepConfig, tracking_uri: str | None, optuna_storage: str | None = None):

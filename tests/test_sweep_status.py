@@ -179,3 +179,42 @@ def test_a_partial_sweep_exits_3_after_its_report(status, code, tmp_path, monkey
         assert len(err) == 1 and "attack stage blend" in err[0] and "--resume" in err[0]
     else:
         assert err == []
+
+
+# ============================================================================ outputs on another node
+
+def test_a_finished_trial_whose_outputs_are_elsewhere_says_so(tmp_path, capsys):
+    """No storage and no shared disk: the trial's folder is on its node. Its run still ends
+    FINISHED, tagged ``outputs_missing`` with a warning, never silently without its model."""
+    from mlflow import MlflowClient
+
+    from sweep.callbacks import finish_trial_run
+    from sweep.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "exp", tmp_path)
+    last = {"final": True, "fully_trained": True, "out_dir": "/on/another/node/t1", "node_id": "n2"}
+    missing, here = tracker.create_run("t1", {"role": "defense"}), tracker.create_run("t2", {"role": "defense"})
+    finish_trial_run(tracker, missing, last, None)
+    assert "are not on this node" in capsys.readouterr().out
+    out = tmp_path / "t2"
+    out.mkdir()
+    for name in ("model.pt", "spec.json", "metrics.json"):
+        (out / name).write_text("{}")
+    finish_trial_run(tracker, here, last, out)
+    c = MlflowClient(uri)
+    gone, found = c.get_run(missing), c.get_run(here)
+    assert gone.info.status == found.info.status == "FINISHED"
+    assert gone.data.tags["outputs_missing"] == "true" and "outputs_missing" not in found.data.tags
+    assert gone.data.tags["ray_node_id"] == "n2"
+    assert "model/model.pt" in {a.path for a in c.list_artifacts(here, "model")}
+
+
+def test_several_nodes_without_storage_get_a_warning():
+    from sweep.ray_session import shared_disk_warning
+    from trainables.storage import open_storage
+
+    assert shared_disk_warning(1, None, "/w") is None
+    assert shared_disk_warning(3, open_storage("/shared/store"), "/w") is None
+    warning = shared_disk_warning(2, None, "/w")
+    assert "2 Ray nodes and no --storage" in warning and "/w" in warning
