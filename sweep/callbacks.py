@@ -21,9 +21,8 @@ from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
 
 from sweep.tracking import Tracker, config_json, config_key, full_attack_params, full_defense_params
-from trainables.artifacts import ArtifactCache
+from trainables.artifacts import cache_for
 from trainables.job import TrialJob
-from trainables.storage import open_storage
 
 META_KEYS = {"step", "measured", "fully_trained", "final", "stage", "out_dir", "done", "history",
              "attack_hash", "trial_id", "epoch", "node_id"}
@@ -138,8 +137,7 @@ def trial_outputs(job: TrialJob, last: dict, checkpoint) -> Iterator[Path | None
     if job.storage_uri is None or not last.get("final"):
         yield Path(out_dir) if out_dir and Path(out_dir).is_dir() else None
     elif job.role == "attack" and last.get("attack_hash"):
-        remote = open_storage(job.storage_uri, job.storage_endpoint)
-        yield ArtifactCache(job.cache_dir, remote=remote).lookup(str(last["attack_hash"]))
+        yield cache_for(job.cache_dir, job.storage_uri, job.storage_endpoint).lookup(str(last["attack_hash"]))
     elif checkpoint is not None:
         with checkpoint.as_directory() as d:
             yield Path(d)

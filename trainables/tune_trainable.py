@@ -56,14 +56,11 @@ def stage_cache(cache_dir: str, storage_uri: str | None, storage_endpoint: str |
     """The attack-stage cache as this node sees it: the sweep's folder (one machine, or a mount
     every node sees), or a node-local copy of the storage's (``SWEEP_LOCAL_CACHE``, by default a
     folder in the node's temp dir: never the driver's path, which other nodes lack)."""
-    from trainables.artifacts import ArtifactCache
+    from trainables.artifacts import cache_for
 
-    if storage_uri is None:
-        return ArtifactCache(cache_dir)
-    from trainables.storage import open_storage
-
-    local = os.environ.get("SWEEP_LOCAL_CACHE") or os.path.join(tempfile.gettempdir(), "backdoor-sweep-cache")
-    return ArtifactCache(local, remote=open_storage(storage_uri, storage_endpoint))
+    local = cache_dir if storage_uri is None else (
+        os.environ.get("SWEEP_LOCAL_CACHE") or os.path.join(tempfile.gettempdir(), "backdoor-sweep-cache"))
+    return cache_for(local, storage_uri, storage_endpoint)
 
 
 def trial_checkpoints(job: TrialJob, trial_id: str):
