@@ -8,6 +8,7 @@ the retry resumes from the stage's per-epoch checkpoint in the storage."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from sweep.context import SweepContext
@@ -31,9 +32,10 @@ def _attack_stage_task(spec_key: dict, cache_dir: str, storage: tuple[str | None
     return {"trained": not cached}
 
 
-def run_attack_stages(ctx: SweepContext) -> None:
-    """Fill ``ctx.stage_dirs`` (and ``trained_stages``/``failed_stages``). One failing stage does
-    not stop the others; a failed clean model stops the attacks that need it."""
+def run_attack_stages(ctx: SweepContext, stop: threading.Event | None = None) -> None:
+    """Fill ``ctx.stage_dirs`` (and ``trained_stages``/``failed_stages``) as each stage ends. One
+    failing stage does not stop the others; a failed clean model stops the attacks that need it.
+    Returns early once ``stop`` is set (the sweep was interrupted)."""
     import ray
 
     cfg, cache = ctx.cfg, ctx.cache()
@@ -58,7 +60,11 @@ def run_attack_stages(ctx: SweepContext) -> None:
             ctx.progress(f"attack stages: {len(refs)} to run ({', '.join(s.attack for s in wave if s.hash in refs)})")
         pending = dict(refs)
         while pending:
-            done, _ = ray.wait(list(pending.values()), num_returns=1)
+            done, _ = ray.wait(list(pending.values()), num_returns=1, timeout=1.0)
+            if stop is not None and stop.is_set():
+                return
+            if not done:
+                continue
             h = next(k for k, v in pending.items() if v == done[0])
             del pending[h]
             s = next(x for x in wave if x.hash == h)

@@ -23,9 +23,10 @@ from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
 from sweep.tracking import Tracker, config_json, config_key, full_attack_params, full_defense_params
 from trainables.artifacts import cache_for
 from trainables.job import TrialJob
+from trainables.tune_trainable import EPOCH_KEY
 
 META_KEYS = {"step", "measured", "fully_trained", "final", "stage", "out_dir", "done", "history",
-             "attack_hash", "trial_id", "epoch", "node_id"}
+             "attack_hash", "trial_id", "epoch", "node_id", EPOCH_KEY}
 MEASURED_ONLY = {"ba", "asr", "ra", "der", "score"}
 ARTIFACT_FILES = ("model.pt", "spec.json", "metrics.json")
 

@@ -55,3 +55,19 @@ def tell_optuna_pruned(searcher, trial_id: str) -> bool:
     searcher._ot_study.tell(ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
     completed.add(trial_id)
     return True
+
+
+def stop_tuners_on(event) -> None:
+    """Make every ``Tuner.fit`` of this process end, as after Ctrl-C, once ``event`` is set.
+
+    A sweep fits its Tuners in threads of the driver. Tune ends a run cleanly (experiment state
+    saved, unfinished trials left resumable by ``Tuner.restore``) only when the event that its
+    SIGINT handler sets is set, and it creates that event inside ``tune.run`` and installs the
+    handler only on the main thread; no public API reaches it. The sweep's own event takes its
+    place (``ray.tune.tune._setup_signal_catching``)."""
+    import ray.tune.tune as tune_run
+
+    if not callable(getattr(tune_run, "_setup_signal_catching", None)):
+        raise RuntimeError("ray.tune.tune._setup_signal_catching is gone: this Ray version is not supported "
+                           "(see sweep/compat.py)")
+    tune_run._setup_signal_catching = lambda: event

@@ -19,6 +19,7 @@ from trainables.params import thaw
 SAMPLERS = ("tpe", "nsga2", "random")
 RULES = ("bound", "ba_within", "best_metric", "max_der")
 DEFENSE_METRICS = ("asr", "ba", "ra", "der")
+EPOCH_METRICS = ("score", "ba", "asr", "ra")     # what a defense trial reports every epoch
 KINDS = ("defense", "attack")
 
 
@@ -57,8 +58,12 @@ class DefenseEntry:
 
 @dataclass(frozen=True)
 class EarlyStopping:
+    """ASHA over each defense's own epochs (``defense_epoch``), ranking trials by ``metric``."""
+
     enabled: bool
-    grace_period: int
+    metric: str                # score (= BA - ASR), ba, asr or ra, measured on the epoch's test subset
+    mode: str                  # max | min
+    grace_period: int          # epochs before the first cut
     reduction_factor: float
 
 
@@ -67,7 +72,8 @@ class SearchConfig:
     num_samples: int
     sampler: str
     objectives: tuple[tuple[str, str], ...]  # (metric, "min"|"max"), in order
-    max_concurrent: int
+    max_concurrent: int                      # trials at once per Tuner (0: the cluster's trial slots)
+    max_tuners: int | None                   # Tuners at once (None: every Tuner whose inputs exist)
     cross_check: bool
     early_stopping: EarlyStopping
 

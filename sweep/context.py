@@ -31,6 +31,7 @@ class SweepContext:
     failed_stages: dict[str, str] = field(default_factory=dict)    # attack -> error
     storage: Storage | None = None          # what the nodes share; None: the work directory
     optuna_storage: str | None = None       # an RDB URL for the Optuna studies; None: the journal
+    trial_slots: int = 1                    # trials the cluster holds at once (set once Ray is up)
 
     @property
     def parent_run_id(self) -> str:

@@ -1,23 +1,40 @@
-"""The phases of a sweep after its attack stages, each a set of Tuners:
+"""The Tuners of a sweep, and when each runs: as soon as its inputs exist.
 
-1. ``run_default_cases``: the paper-default trial of every (attack, defense) pair with nothing to
-   search, all in ONE Tuner of fixed cases, so they run in parallel;
-2. ``run_searched_pairs``: one Tuner per searched pair, its own Optuna study (attack sweeps: one
-   per attack);
-3. ``run_cross_check``: each attack's best configuration evaluated on the attacks it was not
-   searched on, one Tuner of fixed cases per defense, so the best-across-attacks choice rests on
-   measured numbers.
+The units of work and what each waits for:
+
+* the attack stages (``sweep.attack_stages``), in a thread of their own; a stage is available
+  the moment its Ray task ends;
+* ``defaults__<attack>``: the paper-default trial of every (attack, defense) pair with nothing
+  to search, together in one Tuner of fixed cases; waits for the attack's stage;
+* ``<attack>__<defense>``: a searched pair, its own Optuna study (attack sweeps: one Tuner per
+  attack); waits for the attack's stage (attack sweeps: for the clean models);
+* ``crosscheck__<defense>__<attack>``: the attack's best configuration of the defense evaluated
+  on every other attack, so that the best-across-attacks choice rests on measured numbers;
+  waits for that pair's Tuner and for every attack stage.
+
+Every unit whose inputs exist starts at once, each Tuner fitted in its own thread of the driver
+(at most ``search.max_tuners`` at a time; 1 runs them one after another, in the order above).
+Ray's scheduler then fills the cluster's trial slots with the trials of every running Tuner,
+each Tuner running up to ``search.max_concurrent`` trials at once (0: as many as the cluster has
+slots). The driver stays MLflow's one writer: the trial loggers of all Tuners run in its threads,
+behind one lock (``sweep.tracking``).
 
 A Tuner that raises, or a pair none of whose trials finished, is recorded as failed in the
-sweep's state and the sweep goes on with the other Tuners (it then ends partial); ``--resume``
-runs only what failed again. A trial that fails among others that finish is that trial's
-failure alone (Tune records it FAILED).
+sweep's state and the other Tuners go on (the sweep then ends partial); ``--resume`` runs only
+what failed again. A trial that fails among others that finish is that trial's failure alone
+(Tune records it FAILED). Ctrl-C or SIGTERM sets the sweep's stop event: every Tuner ends as Tune
+ends one after Ctrl-C (its state saved, unfinished trials resumable) and the sweep stops KILLED.
 """
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Callable
 
+from sweep.attack_stages import run_attack_stages
 from sweep.context import SweepContext
 from sweep.plan import PairPlan
 from sweep.searchers import make_searcher
@@ -27,19 +44,100 @@ from trainables.job import AttackStageSettings, TrialCase
 from trainables.params import freeze
 
 DEFAULTS_KEY = "defaults"
+WAIT, READY, SKIP = "wait", "ready", "skip"
 
 
-def _runnable(ctx: SweepContext) -> list[PairPlan]:
-    out = []
-    for pair in ctx.plan.pairs:
-        if pair.attack in ctx.failed_stages:
-            ctx.progress(f"[{pair.key}] skipped: its attack stage failed ({ctx.failed_stages[pair.attack]})")
-        elif ctx.cfg.kind == "attack" and any(s.level == 0 for s in ctx.plan.stages) and not ctx.stage_dirs:
-            ctx.progress(f"[{pair.key}] skipped: the clean model it needs failed")
-        else:
-            out.append(pair)
-    return out
+@dataclass
+class Unit:
+    """One Tuner of the sweep: ``check(stages_settled)`` says whether it can start now (READY),
+    must wait (WAIT) or will not run in this driver (SKIP, with the reason)."""
 
+    key: str
+    check: Callable[[bool], tuple[str, str]]
+    run: Callable[[], None]
+
+
+def run_phases(ctx: SweepContext, stop: threading.Event) -> None:
+    """The attack stages and every Tuner of the sweep, each started once its inputs exist."""
+    units = tuner_units(ctx)
+    cap = ctx.cfg.search.max_tuners or max(1, len(units))
+    pool = ThreadPoolExecutor(max_workers=cap + 1, thread_name_prefix="sweep")
+    stages = pool.submit(run_attack_stages, ctx, stop)
+    pending, running = list(units), {}
+    try:
+        while True:
+            settled = stages.done()
+            if settled:
+                stages.result()                 # the stages' thread raised: the sweep fails
+            for unit in list(pending):
+                verdict, why = unit.check(settled)
+                if verdict == WAIT:
+                    continue
+                if verdict == READY and len(running) >= cap:
+                    break                       # one at a time keeps the order above
+                pending.remove(unit)
+                if verdict == SKIP:
+                    ctx.progress(f"[{unit.key}] {why}")
+                else:
+                    running[pool.submit(unit.run)] = unit
+            if settled and not pending and not running:
+                return
+            done, _ = wait([*running, *([] if settled else [stages])], timeout=1.0, return_when=FIRST_COMPLETED)
+            for f in done:
+                if f in running:
+                    del running[f]
+                    f.result()                  # an interrupted Tuner raises KeyboardInterrupt here
+    except BaseException:
+        stop.set()                              # the other Tuners save their state and return
+        wait([*running, stages])
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def tuner_units(ctx: SweepContext) -> list[Unit]:
+    """The sweep's Tuners in the order a one-at-a-time schedule runs them."""
+    cfg = ctx.cfg
+    pairs = ctx.plan.pairs
+    units = []
+    if cfg.kind == "defense":
+        for attack in dict.fromkeys(p.attack for p in pairs):
+            fixed = [p for p in pairs if p.attack == attack and not p.searched]
+            if fixed:
+                units.append(_defaults_unit(ctx, attack, fixed))
+    searched = [p for p in pairs if p.searched or cfg.kind == "attack"]
+    units += [_pair_unit(ctx, pair, index) for index, pair in enumerate(searched)]
+    if cfg.kind == "defense" and cfg.search.cross_check and len(cfg.attacks) > 1:
+        units += [_crosscheck_unit(ctx, p) for p in pairs if p.searched]
+    return units
+
+
+# --------------------------------------------------------------------------- what a unit waits for
+
+def _stage_ready(ctx: SweepContext, attack: str, settled: bool) -> tuple[str, str]:
+    """A Tuner on ``attack``'s stage: READY once it exists, SKIP if it failed or never ran."""
+    if attack in ctx.failed_stages:
+        return SKIP, f"skipped: its attack stage failed ({ctx.failed_stages[attack]})"
+    if ctx.cfg.kind == "attack":            # its trials train the stage; only clean models come first
+        if not settled:
+            return WAIT, ""
+        if any(s.level == 0 for s in ctx.plan.stages) and not ctx.stage_dirs:
+            return SKIP, "skipped: the clean model it needs failed"
+        return READY, ""
+    if ctx.plan.stage_for(attack).hash in ctx.stage_dirs:
+        return READY, ""
+    return (SKIP, "skipped: its attack stage did not run (a clean model it needs failed)") if settled else (WAIT, "")
+
+
+def _not_done(ctx: SweepContext, key: str, check: Callable[[bool], tuple[str, str]]):
+    def checked(settled: bool) -> tuple[str, str]:
+        if ctx.state.phase(key) in ("done", "skipped"):
+            return SKIP, "already done"
+        return check(settled)
+    return checked
+
+
+# --------------------------------------------------------------------------------- the Tuners
 
 def _case(ctx: SweepContext, attack: str, defense: str | None, params: dict, phase: str) -> TrialCase:
     if defense is None:
@@ -80,34 +178,31 @@ def _fit(ctx: SweepContext, key: str, job, groups: dict[str, tuple[int, ...] | N
             ctx.progress(f"[{name}] FAILED: {why}")
 
 
-def run_default_cases(ctx: SweepContext) -> None:
-    """The paper-default trials of every unsearched defense pair, together in one Tuner (after a
+def _defaults_unit(ctx: SweepContext, attack: str, pairs: list[PairPlan]) -> Unit:
+    """The paper-default trials of the attack's unsearched pairs, together in one Tuner (after a
     failure, only the pairs that failed)."""
-    if ctx.cfg.kind != "defense" or ctx.state.phase(DEFAULTS_KEY) == "done":
-        return
-    pairs = [p for p in _runnable(ctx) if not p.searched]
-    if ctx.state.phase(DEFAULTS_KEY) == "failed":
-        pairs = [p for p in pairs if p.key in ctx.state.failures.get(DEFAULTS_KEY, {})]
-    if not pairs:
-        return
-    cases = tuple(_case(ctx, p.attack, p.defense, p.default_params(), "search") for p in pairs)
-    ctx.progress(f"[{DEFAULTS_KEY}] {len(cases)} trial(s) at the paper defaults ({', '.join(p.key for p in pairs)})")
-    _fit(ctx, DEFAULTS_KEY, ctx.job(cases=cases), {p.key: (i,) for i, p in enumerate(pairs)})
+    key = f"{DEFAULTS_KEY}__{attack}"
+
+    def run() -> None:
+        todo = pairs
+        if ctx.state.phase(key) == "failed":
+            todo = [p for p in pairs if p.key in ctx.state.failures.get(key, {})]
+        cases = tuple(_case(ctx, p.attack, p.defense, p.default_params(), "search") for p in todo)
+        ctx.progress(f"[{key}] {len(cases)} trial(s) at the paper defaults ({', '.join(p.key for p in todo)})")
+        _fit(ctx, key, ctx.job(cases=cases), {p.key: (i,) for i, p in enumerate(todo)})
+
+    return Unit(key, _not_done(ctx, key, lambda settled: _stage_ready(ctx, attack, settled)), run)
 
 
-def run_searched_pairs(ctx: SweepContext) -> None:
-    """One Tuner per searched pair (and, in attack sweeps, per attack)."""
-    pairs = [p for p in _runnable(ctx) if p.searched or ctx.cfg.kind == "attack"]
-    for index, pair in enumerate(pairs):
-        if ctx.state.phase(pair.key) == "done":
-            ctx.progress(f"[{pair.key}] already done")
-            continue
+def _pair_unit(ctx: SweepContext, pair: PairPlan, index: int) -> Unit:
+    """A searched pair's Tuner (an attack sweep's unsearched attack: its one trial)."""
+    def run() -> None:
         settings = _attack_stage_settings(ctx, pair.attack)
         if not pair.searched:
             ctx.progress(f"[{pair.key}] 1 trial at the paper defaults")
             case = _case(ctx, pair.attack, pair.defense, pair.default_params(), "search")
             _fit(ctx, pair.key, ctx.job(cases=(case,), attack_stage=settings), {pair.key: None})
-            continue
+            return
         study = f"{ctx.state.sweep_id}:{pair.attack}:{pair.defense or 'attack'}"
         phase = ctx.state.phase(pair.key)
         if phase == "failed" or (phase == "started" and not can_restore(ctx, pair.key)):
@@ -118,51 +213,56 @@ def run_searched_pairs(ctx: SweepContext) -> None:
                       attack_stage=settings)
         ctx.progress(f"[{pair.key}] {pair.num_samples} trials, {ctx.cfg.search.sampler} on "
                      f"{', '.join(dists)} (Optuna study {study!r})")
-        _fit(ctx, pair.key, job, {pair.key: None}, make_searcher(ctx.cfg, pair, study, ctx.workdir, index, ctx.optuna_storage),
-             pair.num_samples)
+        _fit(ctx, pair.key, job, {pair.key: None},
+             make_searcher(ctx.cfg, pair, study, ctx.workdir, index, ctx.optuna_storage), pair.num_samples)
+
+    return Unit(pair.key, _not_done(ctx, pair.key, lambda settled: _stage_ready(ctx, pair.attack, settled)), run)
 
 
-def run_cross_check(ctx: SweepContext) -> None:
-    """Evaluate each attack's best configuration on the attacks it was not searched on."""
-    cfg, state = ctx.cfg, ctx.state
-    if cfg.kind != "defense" or not cfg.search.cross_check or len(cfg.attacks) < 2:
-        return
-    if ctx.failed_stages or any(not k.startswith("crosscheck__") for k in state.failures):
-        # it compares every attack's best configuration: chosen once, so not from a partial set
-        ctx.progress("[crosscheck] left for --resume: an attack stage or a pair failed")
-        return
-    for d in cfg.defenses:
-        key = f"crosscheck__{d.name}"
-        if state.phase(key) in ("done", "skipped"):
-            continue
-        if not d.searched:
-            state.set_phase(key, "skipped")
-            continue
-        chosen = state.data["crosscheck_cases"].get(d.name)
-        if chosen is None:      # chosen once, from the runs of the searched pairs, and kept
-            chosen = _crosscheck_cases(ctx, d.name)
-            state.data["crosscheck_cases"][d.name] = chosen
-            state.save()
+def _crosscheck_unit(ctx: SweepContext, pair: PairPlan) -> Unit:
+    """``pair.attack``'s best configuration of ``pair.defense`` on the attacks it was not
+    searched on: chosen once, from the pair's own search, and kept in the sweep's state."""
+    key = f"crosscheck__{pair.defense}__{pair.attack}"
+
+    def check(settled: bool) -> tuple[str, str]:
+        if not settled:
+            return WAIT, ""
+        if ctx.failed_stages:
+            # it compares best configurations across attacks: not on a partial set of stages
+            return SKIP, "left for --resume: an attack stage failed"
+        phase = ctx.state.phase(pair.key)
+        if phase == "failed":
+            return SKIP, f"left for --resume: {pair.key} failed"
+        return (READY, "") if phase == "done" else (WAIT, "")
+
+    def run() -> None:
+        chosen = ctx.state.data["crosscheck_cases"].get(key)
+        if chosen is None:
+            chosen = _crosscheck_cases(ctx, pair)
+            with ctx.state.lock:
+                ctx.state.data["crosscheck_cases"][key] = chosen
+                ctx.state.save()
         if not chosen:
-            ctx.progress(f"[{key}] nothing to cross-check (every best config is measured on every attack)")
-            state.set_phase(key, "done")
-            continue
-        cases = tuple(_case(ctx, c["attack"], d.name, c["params"], "crosscheck") for c in chosen)
-        ctx.progress(f"[{key}] evaluating {len(cases)} (best config, other attack) combination(s)")
+            ctx.progress(f"[{key}] nothing to cross-check (the best config is measured on every attack)")
+            ctx.state.set_phase(key, "done")
+            return
+        cases = tuple(_case(ctx, c["attack"], pair.defense, c["params"], "crosscheck") for c in chosen)
+        ctx.progress(f"[{key}] {pair.attack}'s best config on {len(cases)} other attack(s)")
         _fit(ctx, key, ctx.job(cases=cases), {key: None})
 
+    return Unit(key, _not_done(ctx, key, check), run)
 
-def _crosscheck_cases(ctx: SweepContext, defense: str) -> list[dict]:
-    """(attack, params) of each attack's best configuration on every attack it lacks."""
+
+def _crosscheck_cases(ctx: SweepContext, pair: PairPlan) -> list[dict]:
+    """(attack, params) of the pair's best configuration on every attack it lacks."""
     runs = load_runs(ctx.tracker, ctx.state.sweep_id)
     if runs.empty:
         return []
-    runs = runs[(runs["defense"] == defense) & (runs["role"] == "defense")]
-    best = {}
-    for a in ctx.cfg.attacks:
-        row = select_best(runs[runs["attack"] == a.name], ctx.cfg.selection)
-        if row is not None:
-            best[row["config_key"]] = json.loads(row["config_json"])
-    done = {(r["config_key"], r["attack"]) for _, r in runs.iterrows() if r["candidate"]}
-    return [{"attack": a.name, "params": params} for ckey, params in best.items() for a in ctx.cfg.attacks
-            if (ckey, a.name) not in done and ctx.plan.stage_for(a.name).hash in ctx.stage_dirs]
+    runs = runs[(runs["defense"] == pair.defense) & (runs["role"] == "defense")]
+    row = select_best(runs[runs["pair"] == pair.key], ctx.cfg.selection)
+    if row is None:
+        return []
+    params = json.loads(row["config_json"])
+    measured = {r["attack"] for _, r in runs.iterrows() if r["candidate"] and r["config_key"] == row["config_key"]}
+    return [{"attack": a.name, "params": params} for a in ctx.cfg.attacks
+            if a.name not in measured and ctx.plan.stage_for(a.name).hash in ctx.stage_dirs]

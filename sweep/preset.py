@@ -35,8 +35,15 @@ Preset fields (defaults in brackets; ``sweep.schema.DEFAULTS``)::
       num_samples: 20                  trials per (attack, defense) pair, the paper default included
       sampler: tpe | nsga2 | random    [tpe]
       objectives: {asr: min, ba: max}  (attack sweeps e.g. {student_asr: max, student_ba: max})
-      max_concurrent: 0                trials at a time per pair (0: as many as resources allow)
-      early_stopping: {enabled: false, grace_period: 2, reduction_factor: 3}   ASHA on ba - asr
+      max_concurrent: 0                trials at a time per Tuner (0: as many as the cluster has
+                                       trial slots; a number caps a search's parallelism, which a
+                                       sequential sampler like TPE learns from)
+      max_tuners: null                 Tuners at a time (null: every Tuner whose inputs exist, so
+                                       Ray fills the cluster; 1: one after another)
+      early_stopping: {enabled: false, metric: score, mode: max, grace_period: 2, reduction_factor: 3}
+                                       ASHA over each defense's own epochs, ranking by ``metric``
+                                       (score = BA - ASR on the epoch's test subset); on, it pins
+                                       every searched ``epochs``/``*_epochs`` to its maximum
       cross_check: true                evaluate each attack's best config on the other attacks
     resources: {cpus: 1, gpus: 0, attack_cpus: null, attack_gpus: null}  per trial / attack stage
     max_failures: 0                    Tune's retries of a failed trial, and Ray's of an attack
@@ -70,7 +77,7 @@ from typing import Any
 import yaml
 
 from sweep import schema
-from sweep.config import (DEFENSE_METRICS, KINDS, RULES, SAMPLERS, AttackEntry, DefenseEntry, EarlyStopping,
+from sweep.config import (DEFENSE_METRICS, EPOCH_METRICS, KINDS, RULES, SAMPLERS, AttackEntry, DefenseEntry, EarlyStopping,
                           RayConfig, Resources, SearchConfig, Selection, StorageConfig, SweepConfig)
 from sweep.errors import ConfigError
 from sweep.spaces import Dist
@@ -159,7 +166,8 @@ def build_config(name: str, source: str, d: dict, overrides: tuple[str, ...]) ->
     search = _search(d["search"], kind)
     selection = _selection(d["selection"], search, kind)
     attacks = _attacks(d["attacks"], kind, dataset, model, budget["attack"], seed, search.num_samples)
-    defenses = _defenses(d["defenses"], kind, defense_epochs, clean_fraction, seed, search.num_samples)
+    defenses = _defenses(d["defenses"], kind, defense_epochs, clean_fraction, seed, search.num_samples,
+                         pin_schedules=search.early_stopping.enabled)
     return SweepConfig(
         name=name, source=source, description=str(d.get("description") or ""), kind=kind, dataset=dataset,
         data_root=typed("data_root", d["data_root"], str, optional=True), model=model, seed=seed,
@@ -188,6 +196,8 @@ def _search(s: dict, kind: str) -> SearchConfig:
         raise ConfigError(f"search.early_stopping: expected a mapping, got {es!r}")
     early = EarlyStopping(
         enabled=typed("search.early_stopping.enabled", es["enabled"], bool),
+        metric=typed("search.early_stopping.metric", es["metric"], str, choices=EPOCH_METRICS),
+        mode=typed("search.early_stopping.mode", es["mode"], str, choices=("max", "min")),
         grace_period=typed("search.early_stopping.grace_period", es["grace_period"], int, low=1),
         reduction_factor=float(typed("search.early_stopping.reduction_factor", es["reduction_factor"], float,
                                      low=1.01)))
@@ -199,6 +209,7 @@ def _search(s: dict, kind: str) -> SearchConfig:
         sampler=typed("search.sampler", s["sampler"], str, choices=SAMPLERS),
         objectives=tuple((str(m), str(v)) for m, v in objectives.items()),
         max_concurrent=typed("search.max_concurrent", s["max_concurrent"], int, low=0),
+        max_tuners=typed("search.max_tuners", s["max_tuners"], int, low=1, optional=True),
         cross_check=typed("search.cross_check", s["cross_check"], bool),
         early_stopping=early)
 
@@ -278,6 +289,19 @@ def _split_space(space: tuple[Dist, ...], params: dict) -> tuple[Dist, ...]:
     return tuple(x for x in space if not x.pinned)
 
 
+def is_schedule_length(x: Dist) -> bool:
+    """A searched number of epochs (``epochs``, ``teacher_epochs``, ...)."""
+    return x.type == "int" and (x.name == "epochs" or x.name.endswith("_epochs"))
+
+
+def _pin_schedules(space: tuple[Dist, ...], params: dict) -> tuple[Dist, ...]:
+    """With early stopping on, every trial of a pair runs the same schedule, the longest the
+    space allows: the scheduler then compares trials at the same epoch of the same schedule
+    and stops the poor ones, instead of the sampler shortening them."""
+    params.update({x.name: int(x.high) for x in space if is_schedule_length(x)})
+    return tuple(x for x in space if not is_schedule_length(x))
+
+
 def _first_trial(params: dict, space: tuple[Dist, ...]) -> dict:
     return {**params, **{x.name: plain(x.default) for x in space}}
 
@@ -328,7 +352,7 @@ def _stage_error_key(msg: str, where: str, own_dataset: bool) -> str:
 
 
 def _defenses(entries: dict, kind: str, defense_epochs: int | None, clean_fraction: float, seed: int,
-              num_samples: int) -> tuple[DefenseEntry, ...]:
+              num_samples: int, pin_schedules: bool = False) -> tuple[DefenseEntry, ...]:
     from trainables.stages import resolve_defense
 
     if kind == "defense" and not entries:
@@ -349,6 +373,8 @@ def _defenses(entries: dict, kind: str, defense_epochs: int | None, clean_fracti
             params["epochs"] = defense_epochs
         checked_params(cls.Params, params, f"{where}.params: ")
         space = _split_space(resolve_space(name, cls, narrowing, params, where), params)
+        if pin_schedules:
+            space = _pin_schedules(space, params)
         checked_params(cls.Params, _first_trial(params, space), f"{where}.params: ")
         try:
             resolve_defense(name, _first_trial(params, space), clean_fraction, seed)

@@ -131,3 +131,10 @@ def shared_disk_warning(nodes: int, storage, workdir) -> str | None:
     return (f"warning: {nodes} Ray nodes and no --storage: the work directory {workdir} must be a folder "
             "every node mounts at the same path, or attack stages and trial outputs stay on the node that "
             "made them (README, 'Cluster')")
+
+
+def trial_slots(have: dict, cpus: float, gpus: float) -> int:
+    """How many trials asking for ``cpus`` CPUs and ``gpus`` GPUs each the resources ``have``
+    (``ray.cluster_resources()``) hold at once; at least 1."""
+    fits = [int(have.get(kind, 0) / need + 1e-9) for kind, need in (("CPU", cpus), ("GPU", gpus)) if need > 0]
+    return max(1, min(fits)) if fits else max(1, int(have.get("CPU", 1)))

@@ -38,17 +38,17 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sweep.attack_stages import run_attack_stages
-from sweep.config import SweepConfig
+from sweep import compat
+from sweep.config import SweepConfig, format_config
 from sweep.context import SweepContext
-from sweep.phases import run_cross_check, run_default_cases, run_searched_pairs
+from sweep.phases import run_phases
 from sweep.plan import make_plan
-from sweep.config import format_config
-from sweep.ray_session import check_resources, interruptible, ray_session, shared_disk_warning
+from sweep.ray_session import check_resources, interruptible, ray_session, shared_disk_warning, trial_slots
 from sweep.state import SweepState
 from sweep.errors import ConfigError
 from sweep.tracking import Tracker, check_server, flatten, resolve_tracking_uri
@@ -87,13 +87,13 @@ def run_sweep(cfg: SweepConfig, *, workdir: str | Path = "sweep-runs", tracking_
             # attack-stage runs a crashed driver left open are redone below; trial runs are
             # reattached by their Tuner (restore)
             ctx.tracker.close_open_runs(ctx.state.sweep_id, "KILLED", keep=[ctx.parent_run_id], role="attack")
-        with interruptible(), ray_session(cfg, address, progress):
+        with interruptible(), ray_session(cfg, address, progress) as ray:
             check_resources(cfg, local=not (address or os.environ.get("RAY_ADDRESS")), progress=progress)
             _warn_without_storage(ctx)
-            run_attack_stages(ctx)
-            run_default_cases(ctx)
-            run_searched_pairs(ctx)
-            run_cross_check(ctx)
+            ctx.trial_slots = trial_slots(ray.cluster_resources(), cfg.resources.cpus, cfg.resources.gpus)
+            stop = threading.Event()
+            compat.stop_tuners_on(stop)
+            run_phases(ctx, stop)
         status = outcome(ctx.failed_stages, ctx.state.failures)
     except KeyboardInterrupt:
         status = "KILLED"
@@ -200,7 +200,7 @@ def _open(cfg: SweepConfig, workdir: Path, tracking_uri: str | None, resume: boo
     cfg_file = state.dir / "config.yaml"
     cfg_file.write_text(format_config(cfg))
     tracker.log_artifacts(parent, [cfg_file])
-    progress(f"sweep {state.sweep_id}: {len(plan.stages)} attack stage(s), {len(plan.pairs)} Tuner(s), "
+    progress(f"sweep {state.sweep_id}: {len(plan.stages)} attack stage(s), {len(plan.pairs)} pair(s), "
              f"{plan.num_trials} trial(s); MLflow {uri} (experiment {experiment}, run {parent})")
     return ctx
 

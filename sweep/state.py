@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +25,7 @@ class SweepState:
     def __init__(self, path: Path, data: dict):
         self.path, self.data = path, data
         self.storage = None     # a trainables.storage.Storage to mirror every save to
+        self.lock = threading.RLock()       # the sweep's Tuners run in threads of the driver
 
     @property
     def stored_key(self) -> str:
@@ -38,20 +40,23 @@ class SweepState:
         return self.path.parent
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        os.replace(tmp, self.path)
-        if self.storage is not None:
-            self.storage.write_text(self.stored_key, self.path.read_text())
+        with self.lock:
+            text = json.dumps(self.data, indent=1, default=str)
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+            if self.storage is not None:
+                self.storage.write_text(self.stored_key, text)
 
     def phase(self, key: str) -> str | None:
         return self.data["phases"].get(key)
 
     def set_phase(self, key: str, status: str) -> None:
-        self.data["phases"][key] = status
-        if status != "failed":
-            self.failures.pop(key, None)
-        self.save()
+        with self.lock:
+            self.data["phases"][key] = status
+            if status != "failed":
+                self.failures.pop(key, None)
+            self.save()
 
     @property
     def failures(self) -> dict[str, dict[str, str]]:
@@ -60,8 +65,9 @@ class SweepState:
 
     def set_failed(self, key: str, what: dict[str, str]) -> None:
         """Tuner ``key`` failed for the pairs in ``what``; ``--resume`` runs those again."""
-        self.failures[key] = dict(what)
-        self.set_phase(key, "failed")
+        with self.lock:
+            self.failures[key] = dict(what)
+            self.set_phase(key, "failed")
 
     def config(self) -> SweepConfig:
         """The sweep's config, rebuilt from the stored (normalised) preset."""

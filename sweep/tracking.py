@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -145,6 +146,28 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# a sweep's Tuners run in threads of the driver, each with its trial logger: one lock for all of
+# them keeps the driver a single writer (SQLite takes one at a time) and each write whole
+_CLIENT_LOCK = threading.RLock()
+
+
+class _LockedClient:
+    """An ``MlflowClient`` whose every call holds the driver's one tracking lock."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def locked(*args, **kwargs):
+            with _CLIENT_LOCK:
+                return attr(*args, **kwargs)
+        return locked
+
+
 class Tracker:
     """The driver's MLflow writer for one sweep (experiment id, parent run, child runs)."""
 
@@ -153,7 +176,7 @@ class Tracker:
 
         self.uri = tracking_uri
         self.workdir = Path(workdir).resolve()
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = _LockedClient(MlflowClient(tracking_uri=tracking_uri))
         self.experiment_name = experiment
         self.experiment_id = self._experiment(experiment)
         self._last_ts: dict[str, int] = {}

@@ -15,15 +15,23 @@ from sweep import compat
 from sweep.callbacks import fail_trial_run, finish_trial_run, loggable, trial_outputs
 from sweep.context import SweepContext
 from trainables.job import CASE_KEY, TrialJob
+from trainables.tune_trainable import EPOCH_KEY
 
 
-def _trainable(ctx: SweepContext, job: TrialJob):
+def _trainable(ctx: SweepContext, key: str, job: TrialJob):
+    """The Tuner's trainable, registered under a name of its own: Tune looks trainables up by
+    name when it starts a trial, and the sweep's Tuners, running at once, each bind another job."""
     from ray import tune
 
     from trainables.tune_trainable import attack_trial, defense_trial
 
     fn = defense_trial if job.role == "defense" else attack_trial
-    return tune.with_resources(tune.with_parameters(fn, job=job),
+
+    def trial(config: dict, job: TrialJob) -> None:
+        fn(config, job)
+
+    trial.__name__ = trial.__qualname__ = f"{fn.__name__}-{key}"
+    return tune.with_resources(tune.with_parameters(trial, job=job),
                                {"cpu": ctx.cfg.resources.cpus, "gpu": ctx.cfg.resources.gpus})
 
 
@@ -36,20 +44,25 @@ def _new_tuner(ctx: SweepContext, key: str, job: TrialJob, searcher, num_samples
         from ray.tune.schedulers import ASHAScheduler
 
         es = cfg.search.early_stopping
-        scheduler = ASHAScheduler(metric="score", mode="max", grace_period=es.grace_period,
-                                  reduction_factor=es.reduction_factor, max_t=100_000)
+        # time = the defense's own epoch counter, reported with measured epochs only (a trial's
+        # schedule is pinned to its longest: trials meet the rungs at the same point); max_t is
+        # beyond any schedule, so that only the rungs stop trials
+        scheduler = ASHAScheduler(time_attr=EPOCH_KEY, metric=es.metric, mode=es.mode,
+                                  grace_period=es.grace_period, reduction_factor=es.reduction_factor,
+                                  max_t=10 ** 6)
     if job.cases:
         param_space, num_samples = {CASE_KEY: tune.grid_search(list(range(len(job.cases))))}, 1
     else:
         param_space = {}
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                  max_concurrent_trials=cfg.search.max_concurrent or None, reuse_actors=False)
+                                  max_concurrent_trials=cfg.search.max_concurrent or ctx.trial_slots,
+                                  reuse_actors=False)
     storage_path, storage_fs = ctx.tune_storage()
     run_config = tune.RunConfig(name=key, storage_path=storage_path, storage_filesystem=storage_fs,
                                 callbacks=[ctx.trial_logger(job, key, **_tags(job))],
                                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures, fail_fast=False),
                                 verbose=1)
-    return tune.Tuner(_trainable(ctx, job), param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(_trainable(ctx, key, job), param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
 def _tags(job: TrialJob) -> dict:
@@ -68,7 +81,7 @@ def run_tuner(ctx: SweepContext, key: str, job: TrialJob, searcher=None, num_sam
         _set_aside(exp_dir, fs)
     if state.phase(key) == "started" and tune.Tuner.can_restore(exp_dir, storage_filesystem=fs):
         ctx.progress(f"[{key}] resuming the interrupted Tuner from {exp_dir}")
-        tuner = tune.Tuner.restore(exp_dir, trainable=_trainable(ctx, job), resume_unfinished=True,
+        tuner = tune.Tuner.restore(exp_dir, trainable=_trainable(ctx, key, job), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False, storage_filesystem=fs)
     else:
         if state.phase(key) == "started":

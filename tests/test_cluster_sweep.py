@@ -301,7 +301,7 @@ def test_sweep_spreads_over_both_nodes_and_shares_only_through_s3_and_mlflow(clu
     ray_keys = s3_keys(c, f"{PREFIX}/sweeps/{sid}/ray/")
     assert ray_keys, f"no Tune experiment under s3://{c.s3.bucket}/{PREFIX}/sweeps/{sid}/ray/"
     tuners = {k.split("/")[4] for k in ray_keys}
-    assert tuners == {"defaults", "badnets__nba", "blend__nba"}, tuners
+    assert tuners == {"defaults__badnets", "defaults__blend", "badnets__nba", "blend__nba"}, tuners
     for t in tuners:
         assert any(re.search(rf"/ray/{t}/experiment_state-[^/]*\.json$", k) for k in ray_keys), (t, ray_keys)
     checkpoints = [k for k in ray_keys if re.search(r"/checkpoint_\d+/model\.pt$", k)]

@@ -228,8 +228,8 @@ def test_a_failed_pair_makes_the_sweep_partial_and_resume_redoes_only_it(tmp_pat
     state = _state(tmp_path)
     sweep_dir = tmp_path / "sweeps" / state["sweep_id"]
     assert state["status"] == "partial"
-    assert state["phases"] == {"defaults": "failed", "badnets__ft": "done"}
-    assert list(state["failures"]["defaults"]) == ["badnets__nba"]
+    assert state["phases"] == {"defaults__badnets": "failed", "badnets__ft": "done"}
+    assert list(state["failures"]["defaults__badnets"]) == ["badnets__nba"]
     assert (sweep_dir / "report" / "report.md").is_file()          # the report of what finished
     c, runs = _all_runs(tmp_path)
     (parent,) = [r for r in runs if r.data.tags["role"] == "sweep"]
@@ -241,8 +241,8 @@ def test_a_failed_pair_makes_the_sweep_partial_and_resume_redoes_only_it(tmp_pat
     assert main(args + ["--resume"]) == 0, capsys.readouterr().err
     state = _state(tmp_path)
     assert state["status"] == "finished" and state["failures"] == {}
-    assert state["phases"] == {"defaults": "done", "badnets__ft": "done"}
-    assert list((sweep_dir / "ray").glob("defaults.failed-*"))      # the failed Tuner's files, kept aside
+    assert state["phases"] == {"defaults__badnets": "done", "badnets__ft": "done"}
+    assert list((sweep_dir / "ray").glob("defaults__badnets.failed-*"))      # the failed Tuner's files, kept aside
     c, runs = _all_runs(tmp_path)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     trials = [r for r in runs if r.data.tags["role"] == "defense"]

@@ -34,6 +34,9 @@ from trainables import plugins
 from trainables.job import TrialCase, TrialJob
 
 NAN = float("nan")
+# the defense's epoch counter (over all its phases), in the reports whose BA/ASR were measured:
+# early stopping's time unit
+EPOCH_KEY = "defense_epoch"
 
 
 def _numeric(d: dict) -> dict:
@@ -142,6 +145,8 @@ def defense_trial(config: dict, job: TrialJob) -> None:
         metrics.update(step=int(entry.get("step", 0)), stage=str(entry.get("stage", "")),
                        measured=int(measured), fully_trained=False, final=False,
                        score=_score(metrics["ba"], metrics["asr"]))
+        if measured:
+            metrics[EPOCH_KEY] = metrics["step"]
         tune.report(metrics)
 
     checkpoints = trial_checkpoints(job, trial_id)
