@@ -18,10 +18,10 @@ from sweep.errors import ConfigError, SweepError
 from sweep.preset import list_presets, load_preset
 
 
-def dry_run(cfg: SweepConfig, workdir=None) -> str:
+def dry_run(cfg: SweepConfig, workdir=None, address=None) -> str:
     from sweep.estimate import dry_run as _dry_run
 
-    return _dry_run(cfg, workdir)
+    return _dry_run(cfg, workdir, address)
 
 
 def run_sweep(cfg: SweepConfig, **kwargs):

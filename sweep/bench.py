@@ -1,4 +1,4 @@
-"""``python -m sweep bench train``: the engine's training throughput against a reference loop
+"""``python -m sweep bench train`` (``bench sweep``: ``sweep.bench_sweep``): the engine's training throughput against a reference loop
 written the way the public backdoor toolkits train (torch DataLoader + torchvision transforms on
 CPU worker processes, fp32, contiguous memory), same model, same batch size, same run.
 
@@ -86,8 +86,12 @@ def bench_train(model_name: str = "wrn-16-1", images: int = 5120, batch_size: in
 
 
 def main(args) -> int:
+    if args.what == "sweep":
+        from sweep.bench_sweep import main as sweep_main
+
+        return sweep_main(args)
     if args.what != "train":
-        raise SystemExit(f"unknown benchmark {args.what!r}; available: train")
+        raise SystemExit(f"unknown benchmark {args.what!r}; available: train, sweep")
     r = bench_train(args.model, args.images, args.batch_size, args.workers, args.dataset)
     if args.json:
         print(json.dumps(r))

@@ -6,6 +6,7 @@
     python -m sweep run --dataset D --model M --attack A [--defense X] [--set k=v ...] --out DIR
     python -m sweep report <sweep-id|preset>
     python -m sweep bench train [--json]
+    python -m sweep bench sweep [--nodes 2 --cpus-per-node 1] [--json]
 
 Every command validates its input first and stops with one message naming what is wrong.
 Exit codes: 0 done; 2 bad input (one ``error:`` line, nothing started); 3 a sweep that ended
@@ -159,7 +160,7 @@ def cmd_preset(argv: list[str]) -> int:
     p.add_argument("preset", help="a preset name (python -m sweep list) or a path to a preset YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any preset field")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--dry-run", action="store_true", help="print stage/trial counts and a cost estimate and exit")
+    p.add_argument("--dry-run", action="store_true", help="print stage/trial counts, a cost estimate and the packing (on the cluster of --address) and exit")
     p.add_argument("--workdir", default=os.environ.get("SWEEP_WORKDIR", "./sweep-runs"),
                    help="holds mlflow.db, the attack-stage cache, Ray results and reports (default ./sweep-runs)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
@@ -183,7 +184,7 @@ def cmd_preset(argv: list[str]) -> int:
         _print(format_config(cfg))
         return 0
     if args.dry_run:
-        _print(dry_run(cfg))
+        _print(dry_run(cfg, address=args.address))
         return 0
     from sweep.report import make_report
     from sweep.runner import run_sweep
@@ -259,14 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--workdir", default=os.environ.get("SWEEP_WORKDIR", "./sweep-runs"))
     rep.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
 
-    b = sub.add_parser("bench", help="benchmarks (not tests): `bench train` = training images/s vs a reference loop")
-    b.add_argument("what", choices=["train"])
+    b = sub.add_parser("bench", help="benchmarks (not tests): `bench train` = training images/s vs a reference "
+                                     "loop; `bench sweep` = trials/h and utilisation of a reduced sweep on a "
+                                     "local multi-node Ray, concurrent Tuners against one at a time")
+    b.add_argument("what", choices=["train", "sweep"])
     b.add_argument("--json", action="store_true")
     b.add_argument("--model", default="wrn-16-1")
     b.add_argument("--images", type=int, default=5120)
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (default min(4, cores))")
     b.add_argument("--dataset", default="synthetic")
+    b.add_argument("--nodes", type=int, default=2, help="bench sweep: loopback Ray nodes")
+    b.add_argument("--cpus-per-node", type=int, default=1, help="bench sweep: CPUs of each node")
     return p
 
 

@@ -155,6 +155,7 @@ class SweepConfig:
         d.pop("description", None)
         d.pop("storage", None)
         d.pop("checkpoint_every", None)      # how often state is saved changes no result
+        d.get("search", {}).pop("max_tuners", None)     # nor how many Tuners run at once
         blob = json.dumps({"name": self.name, **d}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

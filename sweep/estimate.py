@@ -98,16 +98,36 @@ def count_images(cfg: SweepConfig, plan: Plan) -> Images:
             out.trials += per * p.num_samples
             out.evals += p.num_samples * 4 * n_test
             continue
-        cls = registry.get_defense(p.defense)
-        n = n_train if cls.kind == "training-time" else int(cfg.clean_fraction * n_train)
-        cost = cls.cost(make_params(cls.Params, p.default_params()), n)
+        cost = _defense_cost(cfg, p, n_train)
         out.trials += cost.passes * p.num_samples
         out.evals += (cost.logged_epochs * 2 * min(cfg.epoch_eval_size, n_test) + 4 * n_test) * p.num_samples
     out.unknown = tuple(sorted(set(unknown)))
     return out
 
 
-def dry_run(cfg: SweepConfig, workdir: str | Path | None = None) -> str:
+def _defense_cost(cfg: SweepConfig, pair, n_train: int):
+    from trainables import registry
+
+    cls = registry.get_defense(pair.defense)
+    n = n_train if cls.kind == "training-time" else int(cfg.clean_fraction * n_train)
+    return cls.cost(make_params(cls.Params, pair.default_params()), n)
+
+
+def trial_images(cfg: SweepConfig, pair, sizes: tuple[int, int]) -> float:
+    """One defense trial of ``pair`` in images processed (evaluation at 1/3), as ``count_images``
+    counts it; attack sweeps: one attack trial."""
+    from trainables import registry
+
+    n_train, n_test = sizes
+    if cfg.kind == "attack":
+        cls = registry.get_attack(pair.attack)
+        return n_train * cfg.attack_train_dict.get("epochs", 100) \
+            + cls.extra_passes(make_params(cls.Params, pair.default_params()), n_train) + 4 * n_test / 3
+    cost = _defense_cost(cfg, pair, n_train)
+    return cost.passes + (cost.logged_epochs * 2 * min(cfg.epoch_eval_size, n_test) + 4 * n_test) / 3
+
+
+def dry_run(cfg: SweepConfig, workdir: str | Path | None = None, address: str | None = None) -> str:
     """The resolved config, the plan and the cost estimate; with ``workdir``, which stages are
     cached there."""
     from trainables import registry
@@ -131,9 +151,9 @@ def dry_run(cfg: SweepConfig, workdir: str | Path | None = None) -> str:
     searched = [p for p in plan.pairs if p.searched]
     fixed = [p for p in plan.pairs if not p.searched]
     grouped = cfg.kind == "defense" and fixed
-    n_tuners = len(searched) + (1 if grouped else len(fixed))
-    lines.append(f"Tuners: {n_tuners}" + (f" (the {len(fixed)} paper-default trial(s) together in one, run in "
-                                          f"parallel; then one per searched pair)" if grouped else "")
+    n_tuners = len(searched) + (len({p.attack for p in fixed}) if grouped else len(fixed))
+    lines.append(f"Tuners: {n_tuners}" + (f" (the {len(fixed)} paper-default trial(s) in one per attack; "
+                                          f"one per searched pair)" if grouped else "")
                  + f"; trials: {plan.num_trials}" + (f" + at most {cross} cross-check trials" if cross else ""))
     for p in plan.pairs:
         how = (f"{p.num_samples} trials, {cfg.search.sampler} over {len(p.space)} parameters"
@@ -141,7 +161,18 @@ def dry_run(cfg: SweepConfig, workdir: str | Path | None = None) -> str:
         lines.append(f"  {p.key}: {how}")
     lines += ["", "# ---- cost estimate (see sweep/estimate.py for the model) " + "-" * 14]
     lines += _cost_lines(cfg, count_images(cfg, plan))
+    lines += ["", "# ---- packing (see sweep/packing.py) " + "-" * 34]
+    lines += _packing(cfg, address)
     return "\n".join(lines) + "\n"
+
+
+def _packing(cfg: SweepConfig, address: str | None) -> list[str]:
+    from sweep.packing import cluster_resources, local_resources, packing_lines
+
+    if address:
+        have, nodes = cluster_resources(address)
+        return packing_lines(cfg, have, f"the Ray cluster at {address}", nodes)
+    return packing_lines(cfg, local_resources(cfg), "a local Ray on this machine; --address <cluster> to plan for one")
 
 
 def _cost_lines(cfg: SweepConfig, images: Images) -> list[str]:

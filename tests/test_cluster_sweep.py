@@ -8,7 +8,7 @@ postgresql+psycopg2://...`` as a subprocess.
 
 * ``test_sweep_spreads_over_both_nodes_and_shares_only_through_s3_and_mlflow``: the sweep exits 0;
   its trials ran on both nodes (the ``ray_node_id`` tags of the trial runs are exactly the two
-  nodes); every run of the sweep is FINISHED; every trial's ``model.pt`` downloads through the
+  nodes), and trials of two different Tuners overlapped in time (the Tuners run at once); every run of the sweep is FINISHED; every trial's ``model.pt`` downloads through the
   MLflow server and loads as a ``state_dict`` with ``weights_only=True``; the second node never
   saw the driver's folder, and the S3 bucket holds the attack stages' cache manifests and files
   (``run/cache/``), the Tune experiments with the trials' checkpoints
@@ -228,6 +228,12 @@ def s3_keys(c: Cluster, prefix: str) -> list[str]:
             return keys
 
 
+def overlapping_tuners(trials) -> set[tuple[str, str]]:
+    """Pairs of Tuners (``pair`` tags) two of whose trials' runs were open at the same time."""
+    spans = [(r.info.start_time, r.info.end_time, r.data.tags["pair"]) for r in trials]
+    return {tuple(sorted((p, q))) for s, e, p in spans for s2, e2, q in spans if p != q and s < e2 and s2 < e}
+
+
 def check_finished_sweep(c: Cluster, sweep: Sweep, rc: int):
     """rc 0, every run FINISHED, the expected runs: (sweep id, runs by role)."""
     assert rc == 0, f"the sweep exited {rc}{sweep.tail()}"
@@ -267,6 +273,12 @@ def test_sweep_spreads_over_both_nodes_and_shares_only_through_s3_and_mlflow(clu
     nodes = {r.data.tags.get("ray_node_id") for r in trials}
     assert nodes == {c.head_id, c.node.node_id}, (
         f"trial nodes {nodes} != head {c.head_id} + node2 {c.node.node_id}:\n{describe(trials)}{sweep.tail()}")
+
+    # 1b. the Tuners ran at once: trials of two different Tuners (pairs) overlapped in time
+    # (one Tuner at a time, only trials of one Tuner could)
+    overlaps = overlapping_tuners(trials)
+    assert overlaps, f"no two Tuners' trials overlapped in time:\n{describe(trials)}{sweep.tail()}"
+    print(f"overlapping Tuners: {sorted(overlaps)}")
 
     # 2. every trial's model, proxied by the server (never a path), loads as a state_dict
     client = MlflowClient(tracking_uri=c.mlflow.url)

@@ -75,6 +75,9 @@ def test_presets_carry_the_papers_settings():
     ("quickstart", ["resources.gpus=1.5"], "resources.gpus=1.5"),
     ("quickstart", ["seed=-1"], "seed=-1 is below its minimum 0"),
     ("quickstart", ["defenses=[]"], "a defense sweep needs at least one defense"),
+    ("quickstart", ["search.early_stopping.metric=loss"], "search.early_stopping.metric='loss' is not one of"),
+    ("quickstart", ["search.early_stopping.mode=up"], "search.early_stopping.mode='up' is not one of"),
+    ("quickstart", ["search.max_tuners=0"], "search.max_tuners=0 is below its minimum 1"),
 ])
 def test_bad_input_is_one_clear_message_naming_it(name, overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -82,6 +85,22 @@ def test_bad_input_is_one_clear_message_naming_it(name, overrides, message):
     text = str(e.value)
     assert message in text, text
     assert "\n" not in text and "Traceback" not in text
+
+
+def test_early_stopping_pins_every_searched_schedule_length_to_its_maximum():
+    """With early stopping on, trials of a pair run one schedule (the longest the space allows)
+    and the scheduler, not the sampler, cuts them short; off, the epochs stay searched."""
+    sets = ["defenses.ft={space: {epochs: [5, 30], lr: [0.01, 0.1]}}", "budget.defense_epochs=null"]
+    off = load_preset("quickstart", sets)
+    assert "epochs" in {d.name for d in off.defense("ft").space}
+    on = load_preset("quickstart", sets + ["search.early_stopping={enabled: true, metric: ba, mode: max}"])
+    ft = on.defense("ft")
+    assert ft.params_dict["epochs"] == 30 and "epochs" not in {d.name for d in ft.space}
+    assert {d.name for d in ft.space} >= {"lr"}
+    es = on.search.early_stopping
+    assert (es.metric, es.mode, es.grace_period) == ("ba", "max", 2)
+    nba = load_preset("nba_cifar", ["search.early_stopping.enabled=true"]).defense("nba")
+    assert nba.params_dict["epochs"] == 40 and "epochs" not in {d.name for d in nba.space}
 
 
 def test_bad_key_in_a_preset_file_names_file_and_key(tmp_path):

@@ -203,6 +203,38 @@ def test_a_trial_that_crashed_mid_way_is_retried_from_its_checkpoint(tmp_path, m
     assert not any((res.sweep_dir / ".checkpoints").glob("*/*")), "a finished trial's checkpoints remain"
 
 
+def test_early_stopping_stops_trials_at_the_same_epoch_and_tells_optuna_pruned(tmp_path, monkeypatch):
+    """FT searched on lr with early stopping on (ASHA on BA - ASR, rungs at epochs 1, 2 and 4,
+    reduction factor 2), one trial at a time so that each later trial meets the earlier ones'
+    rungs. The searched epochs are pinned to the range's maximum (6) for every trial; a trial
+    behind the rung's median stops there, its run says so, and its Optuna trial is PRUNED, never
+    COMPLETE; a trial that ran its schedule is COMPLETE."""
+    import optuna
+
+    from sweep.runner import run_sweep
+    from sweep.searchers import journal
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_preset("quickstart", TINY + [
+        "defenses.nba=null", "budget.defense_epochs=null", "defenses.ft.num_samples=6",
+        "defenses.ft.space={epochs: {low: 5, high: 6, default: 6}, lr: [0.001, 0.2]}", "search.max_concurrent=1",
+        "search.early_stopping={enabled: true, metric: score, mode: max, grace_period: 1, reduction_factor: 2}"])
+    res = run_sweep(cfg, workdir=tmp_path, progress=lambda m: None)
+    assert res.status == "FINISHED"
+    c, runs = _all_runs(tmp_path)
+    trials = [r for r in runs if r.data.tags["role"] == "defense"]
+    assert len(trials) == 6 and all(r.info.status == "FINISHED" for r in trials)
+    last_epoch = {r.info.run_id: max(m.step for m in c.get_metric_history(r.info.run_id, "score")) for r in trials}
+    assert {r.data.params["epochs"] for r in trials} == {"6"}
+    stopped = [r for r in trials if r.data.tags.get("stopped_early") == "true"]
+    full = [r for r in trials if r.data.tags["fully_trained"] == "true"]
+    assert stopped and full and len(stopped) + len(full) == 6, [r.data.tags for r in trials]
+    assert all(last_epoch[r.info.run_id] < 6 for r in stopped) and all(last_epoch[r.info.run_id] == 6 for r in full)
+    study = optuna.load_study(study_name=f"{res.sweep_id}:badnets:ft", storage=journal(tmp_path))
+    states = sorted(t.state.name for t in study.trials)
+    assert states == sorted(["PRUNED"] * len(stopped) + ["COMPLETE"] * len(full)), states
+
+
 def _args(workdir, sets):
     return ["quickstart", "--workdir", str(workdir)] + [x for item in sets for x in ("--set", item)]
 

@@ -1,0 +1,116 @@
+"""``python -m sweep bench sweep``: a reduced sweep on a local multi-node Ray (loopback), run with
+the sweep's schedule (every Tuner as soon as its inputs exist) and, in the same run and on the
+same cluster, with one Tuner at a time (``search.max_tuners=1``, the schedule before 0.2).
+
+What it prints for each schedule, over the Tuner phases (the attack stages are trained first, by
+a warm-up sweep, and cached, so both schedules start from the same point):
+
+* trials per hour;
+* utilisation: busy slot-seconds / available slot-seconds. A trial holds its slot from its start
+  to its end (its MLflow run's start and end times, which the driver's callback sets), and the
+  cluster's ``slots`` (trials of ``resources.cpus`` each it holds at once) are available from the
+  first trial's start to the last one's end;
+* the trials' own share of their slot time (``train_seconds``; the rest is start-up and the
+  final evaluation);
+* the driver's overhead per trial: the driver process's CPU time over the sweep (Tune's
+  controllers, the trial loggers, MLflow, Optuna), divided by the trials.
+
+A benchmark, not a test: it asserts nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+# the sweep's trials on two 1-CPU nodes: 2 attacks x 2 searched defenses x 3 trials, and the
+# cross-checks (each pair's best config on the other attack): 16 trials of ~30-40 s on a 2-core machine
+BENCH_SETS = ("dataset=synthetic:3000:1000", "attacks=[badnets, blend]", "clean_fraction=0.2",
+              "budget.attack={epochs: 12, lr: 0.1, batch_size: 128, schedule: cosine}",
+              "budget.defense_epochs=10", "budget.epoch_eval_size=200",
+              "defenses={ft: {space: {lr: [0.01, 0.1]}}, nad: {params: {teacher_epochs: 2}, space: {lr: [0.01, 0.1]}}}",
+              "search.num_samples=3", "search.max_concurrent=0", "search.cross_check=true",
+              "resources={cpus: 1, gpus: 0, attack_cpus: 1}")
+
+
+def start_cluster(nodes: int, cpus_per_node: int):
+    """A Ray cluster of ``nodes`` nodes on this machine, every one bound to 127.0.0.1."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from ray.cluster_utils import Cluster
+
+    from sweep import compat
+
+    compat.keep_local_ray_on_loopback()
+    args = {"num_cpus": cpus_per_node, "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False})
+    for _ in range(nodes - 1):
+        cluster.add_node(**args)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def schedule_figures(result, slots: int, driver_cpu_seconds: float, cpus: float) -> dict:
+    """The benchmark's figures for one finished sweep, from its MLflow trial runs."""
+    from sweep.tracking import Tracker
+
+    tracker = Tracker(result.tracking_uri, result.experiment, result.workdir)
+    runs = [r for r in tracker.runs(result.sweep_id) if r.data.tags.get("role") == "defense"]
+    spans = [(r.info.start_time / 1000, r.info.end_time / 1000) for r in runs if r.info.end_time]
+    window = max(e for _, e in spans) - min(s for s, _ in spans)
+    busy = sum(e - s for s, e in spans) * cpus
+    train = sum(r.data.metrics.get("train_seconds", 0.0) for r in runs) * cpus
+    return {"trials": len(spans), "window_seconds": window, "slots": slots,
+            "trials_per_hour": len(spans) / window * 3600, "utilisation": busy / (slots * window),
+            "training_share_of_busy": train / busy, "driver_cpu_seconds_per_trial": driver_cpu_seconds / len(spans),
+            "status": result.status}
+
+
+def bench_sweep(nodes: int = 2, cpus_per_node: int = 1, preset: str = "quickstart", sets: tuple = BENCH_SETS,
+                progress=print) -> dict:
+    from sweep.preset import load_preset
+    from sweep.ray_session import trial_slots
+    from sweep.runner import run_sweep
+
+    cluster = start_cluster(nodes, cpus_per_node)
+    workdir = tempfile.mkdtemp(prefix="bench-sweep-")
+    quiet = lambda m: None      # noqa: E731
+    out = {"nodes": nodes, "cpus_per_node": cpus_per_node, "preset": preset, "sets": list(sets),
+           "cpu_count": os.cpu_count()}
+    try:
+        progress(f"warm-up: the attack stages on a {nodes}-node loopback Ray ({cpus_per_node} CPU each)")
+        t = time.time()
+        warm = load_preset(preset, [*sets, "search.num_samples=1", "search.cross_check=false"])
+        run_sweep(warm, workdir=workdir, address=cluster.address, progress=quiet)
+        out["warm_up_seconds"] = time.time() - t
+        for name, max_tuners in (("concurrent", "null"), ("serial", "1")):
+            cfg = load_preset(preset, [*sets, f"search.max_tuners={max_tuners}"])
+            slots = trial_slots({"CPU": nodes * cpus_per_node}, cfg.resources.cpus, cfg.resources.gpus)
+            progress(f"{name}: {preset} with search.max_tuners={max_tuners}")
+            cpu = time.process_time()
+            result = run_sweep(cfg, workdir=workdir, address=cluster.address, progress=quiet)
+            out[name] = schedule_figures(result, slots, time.process_time() - cpu, cfg.resources.cpus)
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+def print_figures(r: dict) -> None:
+    print(f"{r['nodes']} loopback Ray nodes x {r['cpus_per_node']} CPU ({r['cpu_count']} cores), preset "
+          f"{r['preset']} reduced; attack stages trained beforehand in {r['warm_up_seconds']:.0f} s")
+    print(f"{'schedule':<12}{'trials':>7}{'wall s':>9}{'trials/h':>10}{'utilisation':>13}"
+          f"{'training share':>16}{'driver CPU s/trial':>20}")
+    for name in ("concurrent", "serial"):
+        f = r[name]
+        print(f"{name:<12}{f['trials']:>7}{f['window_seconds']:>9.0f}{f['trials_per_hour']:>10.0f}"
+              f"{f['utilisation']:>13.1%}{f['training_share_of_busy']:>16.1%}{f['driver_cpu_seconds_per_trial']:>20.2f}")
+
+
+def main(args) -> int:
+    r = bench_sweep(args.nodes, args.cpus_per_node, progress=lambda m: print(m, flush=True))
+    print(json.dumps(r) if args.json else "", end="\n" if args.json else "")
+    if not args.json:
+        print_figures(r)
+    return 0
