@@ -153,9 +153,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_preset(argv: list[str]) -> int:
-    from sweep import dry_run, format_config, load_preset
-
+def preset_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m sweep <preset>``."""
     p = argparse.ArgumentParser(prog="python -m sweep <preset>", description="Run a preset sweep.")
     p.add_argument("preset", help="a preset name (python -m sweep list) or a path to a preset YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any preset field")
@@ -178,7 +177,13 @@ def cmd_preset(argv: list[str]) -> int:
                         "does not take them (default: the work directory's journal file)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from its storage")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the preset's)")
-    args = p.parse_args(argv)
+    return p
+
+
+def cmd_preset(argv: list[str]) -> int:
+    from sweep import dry_run, format_config, load_preset
+
+    args = preset_parser().parse_args(argv)
     cfg = load_preset(args.preset, [*args.set, *storage_overrides(args.storage, args.storage_endpoint)])
     if args.print_config:
         _print(format_config(cfg))
