@@ -86,12 +86,12 @@ def bench_train(model_name: str = "wrn-16-1", images: int = 5120, batch_size: in
 
 
 def main(args) -> int:
-    if args.what == "sweep":
+    if args.what in ("sweep", "early-stopping"):
         from sweep.bench_sweep import main as sweep_main
 
         return sweep_main(args)
     if args.what != "train":
-        raise SystemExit(f"unknown benchmark {args.what!r}; available: train, sweep")
+        raise SystemExit(f"unknown benchmark {args.what!r}; available: train, sweep, early-stopping")
     r = bench_train(args.model, args.images, args.batch_size, args.workers, args.dataset)
     if args.json:
         print(json.dumps(r))

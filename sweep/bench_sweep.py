@@ -15,7 +15,12 @@ a warm-up sweep, and cached, so both schedules start from the same point):
 * the driver's overhead per trial: the driver process's CPU time over the sweep (Tune's
   controllers, the trial loggers, MLflow, Optuna), divided by the trials.
 
-A benchmark, not a test: it asserts nothing.
+``python -m sweep bench early-stopping`` runs one reduced sweep twice on a local Ray, with early
+stopping off and on, the searched ``epochs`` pinned to the same maximum in both (what early
+stopping does itself), and prints the epochs trained, the wall time and each pair's selected
+configuration: the compute early stopping saves, and whether it changes the choice.
+
+Benchmarks, not tests: they assert nothing.
 """
 from __future__ import annotations
 
@@ -64,7 +69,7 @@ def schedule_figures(result, slots: int, driver_cpu_seconds: float, cpus: float)
     return {"trials": len(spans), "window_seconds": window, "slots": slots,
             "trials_per_hour": len(spans) / window * 3600, "utilisation": busy / (slots * window),
             "training_share_of_busy": train / busy, "driver_cpu_seconds_per_trial": driver_cpu_seconds / len(spans),
-            "status": result.status}
+            "status": result.status, "failed": {**result.failed_stages, **result.failed_pairs}}
 
 
 def bench_sweep(nodes: int = 2, cpus_per_node: int = 1, preset: str = "quickstart", sets: tuple = BENCH_SETS,
@@ -89,7 +94,8 @@ def bench_sweep(nodes: int = 2, cpus_per_node: int = 1, preset: str = "quickstar
             slots = trial_slots({"CPU": nodes * cpus_per_node}, cfg.resources.cpus, cfg.resources.gpus)
             progress(f"{name}: {preset} with search.max_tuners={max_tuners}")
             cpu = time.process_time()
-            result = run_sweep(cfg, workdir=workdir, address=cluster.address, progress=quiet)
+            result = run_sweep(cfg, workdir=workdir, address=cluster.address,
+                               progress=lambda m: progress(f"  {m}"))
             out[name] = schedule_figures(result, slots, time.process_time() - cpu, cfg.resources.cpus)
     finally:
         cluster.shutdown()
@@ -109,8 +115,89 @@ def print_figures(r: dict) -> None:
 
 
 def main(args) -> int:
+    if args.what == "early-stopping":
+        r = bench_early_stopping(progress=lambda m: print(m, flush=True))
+        print(json.dumps(r)) if args.json else print_early_stopping(r)
+        return 0
     r = bench_sweep(args.nodes, args.cpus_per_node, progress=lambda m: print(m, flush=True))
     print(json.dumps(r) if args.json else "", end="\n" if args.json else "")
     if not args.json:
         print_figures(r)
     return 0
+
+
+# early stopping's measurement: BadNets x (FT, NAD), 8 trials each, epochs pinned to 10, two at a time
+ES_SETS = ("dataset=synthetic:3000:1000", "attacks=[badnets]", "clean_fraction=0.2",
+           "budget.attack={epochs: 12, lr: 0.1, batch_size: 128, schedule: cosine}",
+           "budget.defense_epochs=null", "budget.epoch_eval_size=200",
+           "defenses={ft: {space: {epochs: {low: 5, high: 10, default: 10}}}, "
+           "nad: {params: {teacher_epochs: 2}, space: {epochs: {low: 5, high: 10, default: 10}}}}",
+           "search.num_samples=8", "search.max_concurrent=2", "search.cross_check=false",
+           "resources={cpus: 1, gpus: 0, attack_cpus: 2}", "ray.num_cpus=2")
+ES_ON = "search.early_stopping={enabled: true, metric: score, mode: max, grace_period: 2, reduction_factor: 2}"
+
+
+def _selected(result) -> dict:
+    """Each pair's selected configuration (the preset's rule) and its trials' epochs."""
+    from sweep.selection import load_runs, select_best
+    from sweep.state import SweepState
+    from sweep.tracking import Tracker
+
+    cfg = SweepState.named(result.sweep_id, result.workdir).config()
+    runs = load_runs(Tracker(result.tracking_uri, result.experiment, result.workdir), result.sweep_id)
+    runs = runs[runs["role"] == "defense"]
+    out = {}
+    for pair, rows in runs.groupby("pair"):
+        best = select_best(rows, cfg.selection)
+        out[pair] = {"trials": len(rows), "stopped_early": int((rows["fully_trained"] != "true").sum()),
+                     "config": json.loads(best["config_json"]) if best is not None else None,
+                     "ba": float(best["ba"]) if best is not None else None,
+                     "asr": float(best["asr"]) if best is not None else None}
+    return out
+
+
+def _epochs_trained(result) -> int:
+    from sweep.tracking import Tracker
+
+    tracker = Tracker(result.tracking_uri, result.experiment, result.workdir)
+    total = 0
+    for r in tracker.runs(result.sweep_id, role="defense"):
+        history = tracker.client.get_metric_history(r.info.run_id, "score")
+        total += max((m.step for m in history), default=0)
+    return total
+
+
+def bench_early_stopping(sets: tuple = ES_SETS, progress=print) -> dict:
+    from sweep.preset import load_preset
+    from sweep.runner import run_sweep
+
+    workdir = tempfile.mkdtemp(prefix="bench-es-")
+    quiet = lambda m: None      # noqa: E731
+    out = {"sets": list(sets), "early_stopping": ES_ON, "cpu_count": os.cpu_count()}
+    try:
+        progress("warm-up: the attack stage")
+        run_sweep(load_preset("quickstart", [*sets, "search.num_samples=1"]), workdir=workdir, progress=quiet)
+        # off: the same schedule as early stopping pins (epochs 10), so that only the scheduler differs
+        pinned = ["defenses.ft.space.epochs=10", "defenses.nad.space.epochs=10"]
+        for name, extra in (("off", pinned), ("on", [ES_ON])):
+            progress(f"early stopping {name}")
+            start = time.time()
+            result = run_sweep(load_preset("quickstart", [*sets, *extra]), workdir=workdir, progress=quiet)
+            out[name] = {"wall_seconds": time.time() - start, "epochs_trained": _epochs_trained(result),
+                         "pairs": _selected(result), "status": result.status}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+def print_early_stopping(r: dict) -> None:
+    off, on = r["off"], r["on"]
+    print(f"epochs trained: {off['epochs_trained']} without early stopping, {on['epochs_trained']} with it "
+          f"({1 - on['epochs_trained'] / off['epochs_trained']:.0%} saved); wall {off['wall_seconds']:.0f} s -> "
+          f"{on['wall_seconds']:.0f} s")
+    for pair in sorted(off["pairs"]):
+        a, b = off["pairs"][pair], on["pairs"].get(pair, {})
+        same = a.get("config") == b.get("config")
+        print(f"{pair}: off picks BA {a['ba']:.3f} ASR {a['asr']:.3f}; on ({b.get('stopped_early')} of "
+              f"{b.get('trials')} stopped) picks BA {b.get('ba', float('nan')):.3f} ASR {b.get('asr', float('nan')):.3f}"
+              f" -> {'the same configuration' if same else 'another configuration'}")

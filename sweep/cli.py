@@ -7,6 +7,7 @@
     python -m sweep report <sweep-id|preset>
     python -m sweep bench train [--json]
     python -m sweep bench sweep [--nodes 2 --cpus-per-node 1] [--json]
+    python -m sweep bench early-stopping [--json]
 
 Every command validates its input first and stops with one message naming what is wrong.
 Exit codes: 0 done; 2 bad input (one ``error:`` line, nothing started); 3 a sweep that ended
@@ -267,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (not tests): `bench train` = training images/s vs a reference "
                                      "loop; `bench sweep` = trials/h and utilisation of a reduced sweep on a "
-                                     "local multi-node Ray, concurrent Tuners against one at a time")
-    b.add_argument("what", choices=["train", "sweep"])
+                                     "local multi-node Ray, concurrent Tuners against one at a time; `bench early-stopping` = "
+                                     "epochs saved by early stopping and whether the selected config changes")
+    b.add_argument("what", choices=["train", "sweep", "early-stopping"])
     b.add_argument("--json", action="store_true")
     b.add_argument("--model", default="wrn-16-1")
     b.add_argument("--images", type=int, default=5120)

@@ -3,9 +3,10 @@
 Trials per (attack x defense): ONE TUNER PER (attack, defense) PAIR, each with its own Optuna
 study (``<sweep_id>:<attack>:<defense>``). The Pareto front and the best configuration are
 per-attack quantities, and one attack's optimum says little about another's, so each pair gets
-its own search; the pairs run one after another, each with as many concurrent trials as the
-resources (and ``search.max_concurrent``) allow. Pairs with nothing to search run their one
-paper-default trial together, in one Tuner of fixed cases. The configuration that is best ACROSS attacks is
+its own search; the Tuners run at once, each as soon as its inputs exist (``sweep.phases``), with
+as many concurrent trials as the cluster (and ``search.max_concurrent``) allow. An attack's pairs
+with nothing to search run their paper-default trials together, in one Tuner of fixed cases. The
+configuration that is best ACROSS attacks is
 then chosen on measured numbers: the ``cross_check`` phase evaluates every attack's best
 configuration on every other attack (one extra trial per missing (configuration, attack) cell),
 so that the worst-case ASR of each candidate is known rather than guessed.

@@ -176,7 +176,8 @@ class Tracker:
 
         self.uri = tracking_uri
         self.workdir = Path(workdir).resolve()
-        self.client = _LockedClient(MlflowClient(tracking_uri=tracking_uri))
+        with _CLIENT_LOCK:          # opening a store (SQLite: its engine and schema check) too
+            self.client = _LockedClient(MlflowClient(tracking_uri=tracking_uri))
         self.experiment_name = experiment
         self.experiment_id = self._experiment(experiment)
         self._last_ts: dict[str, int] = {}

@@ -9,6 +9,7 @@ reads. A failed Tuner is started afresh, its old directory set aside as ``<key>.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 from sweep import compat
@@ -18,10 +19,17 @@ from trainables.job import CASE_KEY, TrialJob
 from trainables.tune_trainable import EPOCH_KEY
 
 
-def _trainable(ctx: SweepContext, key: str, job: TrialJob):
-    """The Tuner's trainable, registered under a name of its own: Tune looks trainables up by
-    name when it starts a trial, and the sweep's Tuners, running at once, each bind another job."""
+# Tune's trainable registry is a process-wide dict that registering iterates over: Tuners that
+# start at once in threads of the driver must not register at the same moment
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _trainable(ctx: SweepContext, key: str, job: TrialJob) -> str:
+    """The name of the Tuner's trainable, registered here under a name of its own: Tune looks
+    trainables up by name when it starts a trial, and the sweep's Tuners, running at once, each
+    bind another job. Given the name, ``Tuner.fit`` registers nothing itself."""
     from ray import tune
+    from ray.tune.registry import register_trainable
 
     from trainables.tune_trainable import attack_trial, defense_trial
 
@@ -30,9 +38,13 @@ def _trainable(ctx: SweepContext, key: str, job: TrialJob):
     def trial(config: dict, job: TrialJob) -> None:
         fn(config, job)
 
-    trial.__name__ = trial.__qualname__ = f"{fn.__name__}-{key}"
-    return tune.with_resources(tune.with_parameters(trial, job=job),
-                               {"cpu": ctx.cfg.resources.cpus, "gpu": ctx.cfg.resources.gpus})
+    name = f"{fn.__name__}-{key}"
+    trial.__name__ = trial.__qualname__ = name
+    trainable = tune.with_resources(tune.with_parameters(trial, job=job),
+                                    {"cpu": ctx.cfg.resources.cpus, "gpu": ctx.cfg.resources.gpus})
+    with _REGISTRY_LOCK:
+        register_trainable(name, trainable, warn=False)
+    return name
 
 
 def _new_tuner(ctx: SweepContext, key: str, job: TrialJob, searcher, num_samples: int):

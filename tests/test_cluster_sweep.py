@@ -52,9 +52,8 @@ FAST_HEALTH_CHECK = {"RAY_health_check_period_ms": "500", "RAY_health_check_fail
 PREFIX = "run"                # the sweep's storage: s3://<bucket>/run
 # The quickstart (BadNets and Blend; NBA searched, FT at its paper default) cut to minutes: a
 # smaller synthetic set, 3-epoch attack stages, 1-epoch defenses, 2 NBA trials per attack. FT
-# runs its paper default only, so its two trials (one per attack) run together in ONE Tuner of
-# fixed cases, and each NBA Tuner runs its 2 trials at once: with 1 CPU per node and per trial, every Tuner
-# puts one trial on each node. 6 trials, 2 attack stages (also one per node).
+# runs its paper default only (one Tuner of fixed cases per attack); the four Tuners run at once
+# and Ray fills the two 1-CPU nodes from all of them. 6 trials, 2 attack stages (one per node).
 SETS = ["dataset=synthetic:1000:400", "budget.attack.epochs=3", "budget.defense_epochs=1",
         "budget.epoch_eval_size=200", "defenses.nba.params={teacher_epochs: 1, pgd_steps: 1, max_grad_norm: 5.0}",
         "defenses.ft.num_samples=1", "search.num_samples=2", "search.cross_check=false", "max_failures=2"]
@@ -322,6 +321,23 @@ def test_sweep_spreads_over_both_nodes_and_shares_only_through_s3_and_mlflow(clu
     # and the driver's work dir holds the sweep's own files only on the driver's side
     assert (sweep.workdir / "sweeps" / sid / "sweep.json").is_file()
     assert (sweep.workdir / "sweeps" / sid / "report" / "best_configs.yaml").is_file(), sweep.tail()
+
+
+def test_the_dry_run_shows_how_the_sweep_packs_onto_the_cluster(cluster):
+    """``--dry-run --address`` joins the cluster, reads its two 1-CPU nodes and says how the
+    quickstart's trials pack onto them, starting nothing."""
+    c = cluster
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update({**c.head.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "sweep", "quickstart", "--dry-run", "--address", c.head.address]
+    for s in SETS:
+        cmd += ["--set", s]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(c.root))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"cluster (the Ray cluster at {c.head.address}): 2 CPUs, 0 GPUs on 2 node(s)" in r.stdout, r.stdout[-2000:]
+    assert "trial slots: 2 (a trial takes 1 CPU and 0 GPU)" in r.stdout
+    assert "Tuners: 4, up to 4 at once" in r.stdout and "expected utilisation of the trial slots" in r.stdout
 
 
 def _busy_trial_worker(node: ch.WorkerNode, seen: set) -> str | None:

@@ -235,6 +235,43 @@ def test_early_stopping_stops_trials_at_the_same_epoch_and_tells_optuna_pruned(t
     assert states == sorted(["PRUNED"] * len(stopped) + ["COMPLETE"] * len(full)), states
 
 
+def test_tuners_starting_at_once_register_their_trainables_without_a_race():
+    """Tune keeps its trainables in one process-wide registry that registering iterates over; 16
+    Tuners of a sweep starting in the same instant (threads of the driver) once failed one of
+    them with "dictionary changed size during iteration". Each registers under its own name, one
+    at a time, and every name resolves to its trainable."""
+    import threading
+    from types import SimpleNamespace
+
+    import ray
+    from ray.tune.registry import get_trainable_cls
+
+    from sweep import tuners
+
+    ctx = SimpleNamespace(cfg=SimpleNamespace(resources=SimpleNamespace(cpus=1, gpus=0)))
+    ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=100 * 2 ** 20)
+    try:
+        barrier, names, errors = threading.Barrier(16), [], []
+
+        def start(i):
+            barrier.wait()
+            try:
+                names.append(tuners._trainable(ctx, f"pair{i}", SimpleNamespace(role="defense", i=i)))
+            except Exception as e:       # the race raised inside Tune's registry
+                errors.append(e)
+
+        threads = [threading.Thread(target=start, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert sorted(names) == sorted(f"defense_trial-pair{i}" for i in range(16))
+        assert all(get_trainable_cls(n).__name__ for n in names)
+    finally:
+        ray.shutdown()
+
+
 def _args(workdir, sets):
     return ["quickstart", "--workdir", str(workdir)] + [x for item in sets for x in ("--set", item)]
 
