@@ -19,9 +19,11 @@ from sweep.preset import list_presets, load_preset
 
 
 def dry_run(cfg: SweepConfig, workdir=None, address=None) -> str:
+    """The plan, its cost and how it packs onto this machine or the cluster at ``address``."""
     from sweep.estimate import dry_run as _dry_run
+    from sweep.packing import packing_section
 
-    return _dry_run(cfg, workdir, address)
+    return _dry_run(cfg, workdir) + packing_section(cfg, address)
 
 
 def run_sweep(cfg: SweepConfig, **kwargs):

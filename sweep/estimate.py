@@ -127,7 +127,7 @@ def trial_images(cfg: SweepConfig, pair, sizes: tuple[int, int]) -> float:
     return cost.passes + (cost.logged_epochs * 2 * min(cfg.epoch_eval_size, n_test) + 4 * n_test) / 3
 
 
-def dry_run(cfg: SweepConfig, workdir: str | Path | None = None, address: str | None = None) -> str:
+def dry_run(cfg: SweepConfig, workdir: str | Path | None = None) -> str:
     """The resolved config, the plan and the cost estimate; with ``workdir``, which stages are
     cached there."""
     from trainables import registry
@@ -151,28 +151,20 @@ def dry_run(cfg: SweepConfig, workdir: str | Path | None = None, address: str | 
     searched = [p for p in plan.pairs if p.searched]
     fixed = [p for p in plan.pairs if not p.searched]
     grouped = cfg.kind == "defense" and fixed
-    n_tuners = len(searched) + (len({p.attack for p in fixed}) if grouped else len(fixed))
-    lines.append(f"Tuners: {n_tuners}" + (f" (the {len(fixed)} paper-default trial(s) in one per attack; "
-                                          f"one per searched pair)" if grouped else "")
-                 + f"; trials: {plan.num_trials}" + (f" + at most {cross} cross-check trials" if cross else ""))
+    n_defaults = len({p.attack for p in fixed}) if grouped else 0
+    n_pairs = len(searched) + (0 if grouped else len(fixed))
+    n_cross = len(searched) if cross else 0
+    parts = ([f"the {len(fixed)} paper-default trial(s) in {n_defaults}, one per attack"] if grouped else []) \
+        + ([f"{n_pairs} searched pair(s)"] if n_pairs else []) + ([f"{n_cross} cross-check(s)"] if n_cross else [])
+    lines.append(f"Tuners: {n_defaults + n_pairs + n_cross} ({'; '.join(parts)}); trials: {plan.num_trials}"
+                 + (f" + at most {cross} cross-check trials" if cross else ""))
     for p in plan.pairs:
         how = (f"{p.num_samples} trials, {cfg.search.sampler} over {len(p.space)} parameters"
                if p.searched else "1 trial at the paper defaults")
         lines.append(f"  {p.key}: {how}")
     lines += ["", "# ---- cost estimate (see sweep/estimate.py for the model) " + "-" * 14]
     lines += _cost_lines(cfg, count_images(cfg, plan))
-    lines += ["", "# ---- packing (see sweep/packing.py) " + "-" * 34]
-    lines += _packing(cfg, address)
     return "\n".join(lines) + "\n"
-
-
-def _packing(cfg: SweepConfig, address: str | None) -> list[str]:
-    from sweep.packing import cluster_resources, local_resources, packing_lines
-
-    if address:
-        have, nodes = cluster_resources(address)
-        return packing_lines(cfg, have, f"the Ray cluster at {address}", nodes)
-    return packing_lines(cfg, local_resources(cfg), "a local Ray on this machine; --address <cluster> to plan for one")
 
 
 def _cost_lines(cfg: SweepConfig, images: Images) -> list[str]:

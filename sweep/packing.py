@@ -162,3 +162,13 @@ def packing_lines(cfg: SweepConfig, have: dict, where: str, nodes: list[dict] | 
 
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.3g} h" if seconds >= 3600 else f"{seconds / 60:.3g} min"
+
+
+def packing_section(cfg: SweepConfig, address: str | None = None) -> str:
+    """The dry run's packing section: on the cluster at ``address``, else on a local Ray."""
+    if address:
+        have, nodes = cluster_resources(address)
+        lines = packing_lines(cfg, have, f"the Ray cluster at {address}", nodes)
+    else:
+        lines = packing_lines(cfg, local_resources(cfg), "a local Ray on this machine; --address <cluster> to plan for one")
+    return "\n".join(["", "# ---- packing (see sweep/packing.py) " + "-" * 34, *lines]) + "\n"

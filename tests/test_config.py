@@ -167,16 +167,17 @@ def test_dry_run_counts_stages_and_trials_and_prices_them(tmp_path):
     out = dry_run(load_preset("quickstart"), workdir=tmp_path)
     assert "attack stages: 2 distinct" in out and out.count("[to train]") == 2
     # 2 attacks x (NBA: 3 trials + FT: 3 trials) + cross-checks of each defense's best configs
-    assert "Tuners: 4" in out and "trials: 12 + at most 4 cross-check trials" in out
-    # FT at its paper default only: its trials join one Tuner of paper-default trials
+    assert "Tuners: 8 (4 searched pair(s); 4 cross-check(s))" in out
+    assert "trials: 12 + at most 4 cross-check trials" in out
+    # FT at its paper default only: each attack's FT trial in that attack's paper-default Tuner
     out = dry_run(load_preset("quickstart", ["defenses.ft.num_samples=1"]))
-    assert "Tuners: 3 (the 2 paper-default trial(s) together in one" in out
+    assert "Tuners: 6 (the 2 paper-default trial(s) in 2, one per attack; 2 searched pair(s); 2 cross-check(s))" in out
     assert "trials: 8 + at most 2 cross-check trials" in out
     assert "images processed:" in out and "CPU-core-hours" in out and "MFLOP per image" in out
     table = dry_run(load_preset("nba_table2"))
     # the clean model TrojanNN/CLA fit on is one more (shared) stage; Refool trains on GTSRB
     assert "attack stages: 7 distinct" in table and "refool on gtsrb" in table
-    assert "Tuners: 1 (the 36 paper-default trial(s) together in one" in table and "trials: 36" in table
+    assert "Tuners: 6 (the 36 paper-default trial(s) in 6, one per attack)" in table and "trials: 36" in table
 
 
 def test_every_method_states_its_own_cost():
