@@ -488,3 +488,52 @@ def test_killed_driver_resumes_without_duplicates_and_trains_the_attack_once(whe
     studies = optuna_url or JournalStorage(JournalFileBackend(str(workdir / "optuna.journal")))
     study = optuna.load_study(study_name=f"{res.sweep_id}:badnets:nba", storage=studies)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 10
+
+
+def test_sigterm_stops_every_running_tuner_and_resume_finishes_the_sweep(tmp_path, monkeypatch):
+    """NBA and FT searched on BadNets, 3 trials each, one at a time per Tuner: the two Tuners run
+    at once on the 2 CPUs. The 4th trial to start pauses (test plugin); SIGTERM reaches the
+    driver (``python -m sweep``): every running Tuner ends as Tune ends one after Ctrl-C, with
+    its state saved; the command exits 130, the sweep is ``killed`` and no run is RUNNING.
+    ``--resume`` restores both Tuners and finishes: 6 trial runs, none duplicated."""
+    from sweep.runner import run_sweep
+
+    workdir = tmp_path / "w"
+    fifo = tmp_path / "trial-paused.fifo"
+    os.mkfifo(fifo)
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", SWEEP_PLUGINS="sweep_pause_fourth_trial",
+               PAUSE_FIFO=str(fifo), PAUSE_COUNTERS=str(tmp_path / "starts"),
+               PAUSE_STATE_GLOB=str(workdir / "sweeps" / "*" / "ray" / "*" / "experiment_state-*.json"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
+    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "SWEEP_OPTUNA_STORAGE", "SWEEP_STORAGE"):
+        env.pop(var, None)
+    overrides = TINY + ["search.num_samples=3", "search.cross_check=false", "search.max_concurrent=1"]
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen([sys.executable, "-m", "sweep", *_args(workdir, overrides)], cwd=ROOT, env=env,
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert _wait_for_pause(fifo, driver), "the driver ended before a trial paused:\n" + log.read_text()[-3000:]
+        driver.send_signal(signal.SIGTERM)
+        rc = driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            _kill_all([psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)])
+    assert rc == 130, log.read_text()[-3000:]
+    state = _state(workdir)
+    assert state["status"] == "killed" and state["phases"] == {"badnets__nba": "started", "badnets__ft": "started"}
+    _, runs = _all_runs(workdir)
+    assert not [r for r in runs if r.info.status == "RUNNING"], [(r.data.tags["role"], r.info.status) for r in runs]
+    assert len([r for r in runs if r.data.tags["role"] == "defense"]) >= 3
+
+    monkeypatch.delenv("SWEEP_PLUGINS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    said = []
+    res = run_sweep(load_preset("quickstart", overrides), workdir=workdir, resume=True, progress=said.append)
+    assert res.status == "FINISHED", said
+    for key in ("badnets__nba", "badnets__ft"):
+        assert any(m.startswith(f"[{key}] resuming the interrupted Tuner") for m in said), said
+    _, runs = _all_runs(workdir)
+    trials = [r for r in runs if r.data.tags["role"] == "defense"]
+    ids = [r.data.tags["ray_trial_id"] for r in trials]
+    assert len(trials) == 6 and len(set(ids)) == 6, ids
+    assert all(r.info.status == "FINISHED" and r.data.tags["fully_trained"] == "true" for r in trials)

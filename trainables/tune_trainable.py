@@ -6,7 +6,8 @@ binds with ``tune.with_parameters``; ``job.case(config)`` is the work.
 
 A defense trial loads its attack-stage artifact, runs the defense, ``tune.report``s every epoch
 (``step``, ``stage``, the loss terms, and ``ba``/``asr``/``ra`` where measured, NaN where not,
-with ``measured`` saying which) and reports the final metrics once more with
+with ``measured`` saying which, and ``defense_epoch``, early stopping's time unit, on measured
+epochs only) and reports the final metrics once more with
 ``fully_trained=True``; a trial a scheduler stops early never sends that last report. Outputs go
 to ``<trials_dir>/<trial_id>/`` (the standard model.pt/spec.json/metrics.json). Its training
 phases save checkpoints every ``job.checkpoint_every`` epochs (``trainables.checkpoint``, under
