@@ -32,8 +32,7 @@ import time
 
 # the sweep's trials on two 1-CPU nodes: 2 attacks x 2 searched defenses x 3 trials, and the
 # cross-checks (each pair's best config on the other attack): 16 trials of ~30-40 s on a 2-core machine
-BENCH_SETS = ("dataset=synthetic:3000:1000", "attacks={badnets: {params: {pattern: white, patch_size: 5}}, blend: {}}",
-              "clean_fraction=0.2",
+BENCH_SETS = ("dataset=synthetic:3000:1000", "attacks=[badnets, blend]", "clean_fraction=0.2",
               "budget.attack={epochs: 12, lr: 0.1, batch_size: 128, schedule: cosine}",
               "budget.defense_epochs=10", "budget.epoch_eval_size=200",
               "defenses={ft: {space: {lr: [0.01, 0.1]}}, nad: {params: {teacher_epochs: 2}, space: {lr: [0.01, 0.1]}}}",
