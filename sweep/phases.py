@@ -37,7 +37,7 @@ from typing import Callable
 from sweep.attack_stages import run_attack_stages
 from sweep.context import SweepContext
 from sweep.plan import PairPlan
-from sweep.searchers import make_searcher
+from sweep.searchers import fail_orphaned_trials, make_searcher
 from sweep.selection import load_runs, select_best
 from sweep.tuners import can_restore, finished_cases, run_tuner
 from trainables.job import AttackStageSettings, TrialCase
@@ -215,6 +215,14 @@ def _pair_unit(ctx: SweepContext, pair: PairPlan, index: int) -> Unit:
                      f"{', '.join(dists)} (Optuna study {study!r})")
         _fit(ctx, pair.key, job, {pair.key: None},
              make_searcher(ctx.cfg, pair, study, ctx.workdir, index, ctx.optuna_storage), pair.num_samples)
+        try:            # the Tuner has ended: no trial of its study runs any more
+            orphans = fail_orphaned_trials(study, ctx.workdir, ctx.optuna_storage)
+        except Exception as e:      # bookkeeping of the study only: never the pair's failure
+            ctx.progress(f"[{pair.key}] could not close the study's orphaned trials: {_one_line(e)}")
+        else:
+            if orphans:
+                ctx.progress(f"[{pair.key}] {orphans} Optuna trial(s) an interrupted driver asked for and never "
+                             "ran: marked FAIL")
 
     return Unit(pair.key, _not_done(ctx, pair.key, lambda settled: _stage_ready(ctx, pair.attack, settled)), run)
 

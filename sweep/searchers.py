@@ -106,3 +106,18 @@ def make_searcher(cfg: SweepConfig, pair: PairPlan, study_name: str, workdir: Pa
         mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=[first_point(dists)],
         sampler=_sampler(cfg, index, pair.num_samples), study_name=study_name,
         storage=study_storage(workdir, storage_url))
+
+
+def fail_orphaned_trials(study_name: str, workdir: Path, storage_url: str | None = None) -> int:
+    """Mark FAIL the trials of a study still RUNNING once its Tuner has ended: a driver killed
+    between asking Optuna for a trial and Tune saving its searcher's state leaves one that the
+    restored searcher never learns of, so nothing would ever close it. Returns how many."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study_storage(workdir, storage_url)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in orphans:
+        storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+    return len(orphans)

@@ -484,8 +484,10 @@ def test_killed_driver_resumes_without_duplicates_and_trains_the_attack_once(whe
     if where == "storage":                # the stored copy of the state is the finished one
         assert json.loads(next((store / "sweeps").glob("*/sweep.json")).read_text())["status"] == "finished"
         assert not any((store / "sweeps").glob("*/.checkpoints/*/*")), "a finished trial's checkpoints remain"
-    # the study holds the 10 trials, every one COMPLETE (restored trials told once)
+    # the study holds the 10 trials COMPLETE (restored trials told once) and nothing RUNNING: a
+    # trial the killed driver asked Optuna for before Tune saved its searcher is marked FAIL
     studies = optuna_url or JournalStorage(JournalFileBackend(str(workdir / "optuna.journal")))
     study = optuna.load_study(study_name=f"{res.sweep_id}:badnets:nba", storage=studies)
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 10
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 10 and set(states) <= {"COMPLETE", "FAIL"}, states
 
