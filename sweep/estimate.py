@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep.config import SweepConfig, format_config
-from sweep.plan import Plan, make_plan
+from sweep.plan import Plan, make_plan, tuner_plans
 from trainables.params import make_params
 
 CPU_FLOPS_PER_CORE = 40e9
@@ -148,13 +148,10 @@ def dry_run(cfg: SweepConfig, workdir: str | Path | None = None) -> str:
     cross = 0
     if cfg.kind == "defense" and cfg.search.cross_check and len(cfg.attacks) > 1:
         cross = sum(len(cfg.attacks) * (len(cfg.attacks) - 1) for d in cfg.defenses if d.searched)
-    searched = [p for p in plan.pairs if p.searched]
-    fixed = [p for p in plan.pairs if not p.searched]
-    grouped = cfg.kind == "defense" and fixed
-    n_defaults = len({p.attack for p in fixed}) if grouped else 0
-    n_pairs = len(searched) + (0 if grouped else len(fixed))
-    n_cross = len(searched) if cross else 0
-    parts = ([f"the {len(fixed)} paper-default trial(s) in {n_defaults}, one per attack"] if grouped else []) \
+    tuners = tuner_plans(cfg, plan)
+    n_defaults, n_pairs, n_cross = (sum(t.kind == k for t in tuners) for k in ("defaults", "pair", "crosscheck"))
+    fixed = [p for t in tuners if t.kind == "defaults" for p in t.pairs]
+    parts = ([f"the {len(fixed)} paper-default trial(s) in {n_defaults}, one per attack"] if fixed else []) \
         + ([f"{n_pairs} searched pair(s)"] if n_pairs else []) + ([f"{n_cross} cross-check(s)"] if n_cross else [])
     lines.append(f"Tuners: {n_defaults + n_pairs + n_cross} ({'; '.join(parts)}); trials: {plan.num_trials}"
                  + (f" + at most {cross} cross-check trials" if cross else ""))

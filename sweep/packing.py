@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from sweep.config import SweepConfig
 from sweep.estimate import CPU_FLOPS_PER_CORE, GPU_FLOPS, dataset_sizes, forward_flops, trial_images
-from sweep.plan import make_plan
+from sweep.plan import make_plan, tuner_plans
 from sweep.ray_session import trial_slots
 
 
@@ -90,16 +90,9 @@ def tuner_loads(cfg: SweepConfig) -> list[TunerLoad]:
         sizes = dataset_sizes(cfg.attack(p.attack).dataset)
         seconds[p.key] = trial_images(cfg, p, sizes) * flops / rate if sizes else 0.0
     loads = []
-    if cfg.kind == "defense":
-        for attack in dict.fromkeys(p.attack for p in plan.pairs):
-            fixed = [p for p in plan.pairs if p.attack == attack and not p.searched]
-            if fixed:
-                loads.append(TunerLoad(f"defaults__{attack}", len(fixed), max(seconds[p.key] for p in fixed)))
-    searched = [p for p in plan.pairs if p.searched or cfg.kind == "attack"]
-    loads += [TunerLoad(p.key, p.num_samples, seconds[p.key]) for p in searched]
-    if cfg.kind == "defense" and cfg.search.cross_check and len(cfg.attacks) > 1:
-        loads += [TunerLoad(f"crosscheck__{p.defense}__{p.attack}", len(cfg.attacks) - 1, seconds[p.key], p.key)
-                  for p in plan.pairs if p.searched]
+    for t in tuner_plans(cfg, plan):
+        trials = len(cfg.attacks) - 1 if t.kind == "crosscheck" else sum(p.num_samples for p in t.pairs)
+        loads.append(TunerLoad(t.key, trials, max(seconds[p.key] for p in t.pairs), t.after))
     return loads
 
 

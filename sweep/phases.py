@@ -36,7 +36,7 @@ from typing import Callable
 
 from sweep.attack_stages import run_attack_stages
 from sweep.context import SweepContext
-from sweep.plan import PairPlan
+from sweep.plan import PairPlan, tuner_plans
 from sweep.searchers import fail_orphaned_trials, make_searcher
 from sweep.selection import load_runs, select_best
 from sweep.tuners import can_restore, finished_cases, run_tuner
@@ -96,19 +96,17 @@ def run_phases(ctx: SweepContext, stop: threading.Event) -> None:
 
 
 def tuner_units(ctx: SweepContext) -> list[Unit]:
-    """The sweep's Tuners in the order a one-at-a-time schedule runs them."""
-    cfg = ctx.cfg
-    pairs = ctx.plan.pairs
-    units = []
-    if cfg.kind == "defense":
-        for attack in dict.fromkeys(p.attack for p in pairs):
-            fixed = [p for p in pairs if p.attack == attack and not p.searched]
-            if fixed:
-                units.append(_defaults_unit(ctx, attack, fixed))
-    searched = [p for p in pairs if p.searched or cfg.kind == "attack"]
-    units += [_pair_unit(ctx, pair, index) for index, pair in enumerate(searched)]
-    if cfg.kind == "defense" and cfg.search.cross_check and len(cfg.attacks) > 1:
-        units += [_crosscheck_unit(ctx, p) for p in pairs if p.searched]
+    """The sweep's Tuners (``sweep.plan.tuner_plans``) in the order a one-at-a-time schedule
+    runs them."""
+    units, searched = [], 0
+    for t in tuner_plans(ctx.cfg, ctx.plan):
+        if t.kind == "defaults":
+            units.append(_defaults_unit(ctx, t.pairs[0].attack, list(t.pairs)))
+        elif t.kind == "pair":
+            units.append(_pair_unit(ctx, t.pairs[0], searched))     # its index seeds its sampler
+            searched += 1
+        else:
+            units.append(_crosscheck_unit(ctx, t.pairs[0]))
     return units
 
 

@@ -87,3 +87,31 @@ def make_plan(cfg: SweepConfig) -> Plan:
             pairs.append(PairPlan(a.name, a.name, None, a.space, a.params, n))
     ordered = sorted(stages.values(), key=lambda s: s.level)
     return Plan(tuple(ordered), tuple(pairs))
+
+
+@dataclass(frozen=True)
+class TunerPlan:
+    """One Tuner of the sweep: its key, the pairs it runs, and the pair it waits for (a
+    cross-check waits for its pair's search)."""
+
+    key: str
+    kind: str                      # "defaults" | "pair" | "crosscheck"
+    pairs: tuple[PairPlan, ...]
+    after: str | None = None
+
+
+def tuner_plans(cfg: SweepConfig, plan: Plan) -> list[TunerPlan]:
+    """The sweep's Tuners, in the order a one-at-a-time schedule runs them: each attack's
+    unsearched pairs together (defense sweeps), each searched pair (attack sweeps: each attack),
+    then each searched pair's cross-check."""
+    out = []
+    if cfg.kind == "defense":
+        for attack in dict.fromkeys(p.attack for p in plan.pairs):
+            fixed = tuple(p for p in plan.pairs if p.attack == attack and not p.searched)
+            if fixed:
+                out.append(TunerPlan(f"defaults__{attack}", "defaults", fixed))
+    out += [TunerPlan(p.key, "pair", (p,)) for p in plan.pairs if p.searched or cfg.kind == "attack"]
+    if cfg.kind == "defense" and cfg.search.cross_check and len(cfg.attacks) > 1:
+        out += [TunerPlan(f"crosscheck__{p.defense}__{p.attack}", "crosscheck", (p,), p.key)
+                for p in plan.pairs if p.searched]
+    return out
