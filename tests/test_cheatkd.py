@@ -2,10 +2,12 @@
 method based on poisoned neuronal assimilation", Computer Science 51(3), 2024) and the knowledge
 distillation it targets (trainables/kd.py).
 
-Unit tier: δ rules, neuron selection and Eq. 1/Eq. 3 on hand-made tensors; the three KD losses on
-hand-made tensors and on untrained WRN-16-1s (zero for identical features, positive otherwise,
-gradients reach the student and the connectors, never the teacher); the pre-ReLU position; the
-teacher's starting point; parameters and search space.
+Unit tier: δ rules, neuron selection and Eq. 1/Eq. 3 on hand-made tensors, per group with every
+layer poisoned (``layers`` all) and on an untrained WRN-16-1; the three KD losses on hand-made
+tensors and on untrained WRN-16-1s (zero for identical features, positive otherwise, gradients
+reach the student and the connectors, never the teacher); the pre-ReLU position; the teacher's
+starting point and its lr (``teacher_lr``, through a tiny attack stage); Eq. 3 on the final
+teacher in ``post_train``'s metrics; parameters and search space.
 Slow tier: the trigger optimisation on the suite's clean WRN-16-1 (the poisoned neurons are
 driven to δ, the mask stays in [0, mask_max], the clean model is untouched), and the whole attack
 at a tiny scale (teacher ASR, the distilled student's figures) beside a BadNets teacher distilled
@@ -23,16 +25,17 @@ import torch
 from sweep.spaces import load_space
 from trainables import kd, registry
 from trainables.attacks.base import Attack, AttackParams, FitContext, poison_training_set, triggered_test_set
-from trainables.attacks.cheatkd import (CheatKD, Params, assimilation_loss, delta_values, neuron_activations,
-                                        select_neurons, stamp, trigger_rows)
+from trainables.attacks.cheatkd import (CheatKD, Params, assimilation_loss, delta_values, gather_poisoned,
+                                        neuron_activations, select_neurons, select_poisoned, stamp,
+                                        trigger_rows)
 from trainables.data.base import Dataset
 from trainables.data.loader import to_float
-from trainables.engine import SGDConfig, pick_runtime, prepare, train
+from trainables.engine import SGDConfig, autocast, pick_runtime, prepare, train
 from trainables.losses import kd_loss
 from trainables.metrics import backdoor_metrics
 from trainables.models import build_model
 from trainables.params import make_params
-from trainables.rundir import load_model
+from trainables.rundir import load_model, read_json
 from trainables.stages import resolve_attack_stage, run_attack_stage
 
 RT = pick_runtime("cpu")
@@ -72,6 +75,27 @@ def test_assimilation_loss_is_eq3():
     # image 1: (1-2)² + (2-2)² = 1; image 2: (3-2)² + (4-2)² = 5; mean over images = 3
     assert assimilation_loss(acts, delta).item() == pytest.approx(3.0)
     assert assimilation_loss(delta.expand(5, 2), delta).item() == 0.0
+
+
+def test_every_poisoned_layer_gets_its_own_neurons_and_delta_and_eq3_sums_over_them():
+    """``layers`` all on hand-made activations of two groups: each group's own top neuron and its δ
+    (from that group's activations only), and Eq. 3 summed over both groups' neurons."""
+    acts = [torch.tensor([[1.0, 3.0], [3.0, 5.0]]),               # group 0: means 2, 4 -> channel 1, δ 4
+            torch.tensor([[0.0, 10.0, 2.0], [2.0, 20.0, 2.0]])]   # group 1: means 1, 15, 2 -> channel 1, δ 15
+    group_of, neurons, delta = select_poisoned(acts, [0, 1], 1, "mean")
+    assert (group_of.tolist(), neurons.tolist(), delta.tolist()) == ([0, 1], [1, 1], [4.0, 15.0])
+    group_of2, neurons2, delta2 = select_poisoned(acts, [0, 1], 2, "max")   # two per group, in group order
+    assert (group_of2.tolist(), neurons2.tolist(), delta2.tolist()) == ([0, 0, 1, 1], [1, 0, 1, 2],
+                                                                         [5.0, 3.0, 20.0, 2.0])
+    # one layer only (``layers`` last): the other group is not read
+    assert select_poisoned(acts, [1], 1, "mean")[0].tolist() == [1]
+    # Eq. 3 over both groups: image 1: (6-4)² + (13-15)² = 8; image 2: (4-4)² + (18-15)² = 9; mean 8.5
+    later = [torch.tensor([[0.0, 6.0], [9.0, 4.0]]), torch.tensor([[5.0, 13.0, 0.0], [5.0, 18.0, 0.0]])]
+    picked = gather_poisoned(later, group_of, neurons)
+    assert picked.tolist() == [[6.0, 13.0], [4.0, 18.0]]
+    assert assimilation_loss(picked, delta).item() == pytest.approx(8.5)
+    per_group = [assimilation_loss(later[g][:, [1]], delta[[g]]).item() for g in (0, 1)]
+    assert per_group == pytest.approx([2.0, 6.5])                  # the sum's two parts
 
 
 def test_trigger_is_eq1(synthetic):
@@ -256,6 +280,58 @@ def test_bad_layer_or_neuron_count_fails_clearly(synthetic):
             attack.fit(ctx, synthetic.train, attack.select(synthetic.train.y))
 
 
+def _group_acts(model, x):
+    with torch.no_grad(), autocast(RT):
+        taps, _ = model.features(x)
+    return [t.float().mean(dim=(2, 3)) for t in taps]
+
+
+def test_layers_all_poisons_every_group_and_the_trigger_lowers_the_summed_loss(synthetic):
+    """On an untrained WRN-16-1 (3 groups of 16/32/64 channels): ``layers`` all selects
+    ``num_neurons`` neurons in every group, each with δ from its own group's activations on the
+    first batch; the optimisation's loss is Eq. 3 summed over the three groups, and the optimised
+    trigger lowers it. ``layers`` last keeps one group, ``layer``."""
+    model = _wrn(0, synthetic).eval()
+    ctx = FitContext(rt=RT, dataset=synthetic, seed=0, clean_model=lambda: model, progress=quiet)
+    base = {"trigger_samples": 32, "trigger_batch_size": 32, "num_neurons": 2, "layers": "all"}
+    attack = CheatKD(make_params(Params, {**base, "trigger_epochs": 0}), synthetic)
+    index = attack.select(synthetic.train.y)
+    attack.fit(ctx, synthetic.train, index)
+    s = attack.state_dict()
+    assert s["neuron_group"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert s["neurons"].shape == s["delta"].shape == (6,)
+    # with 0 trigger epochs the stored trigger is the initial one: redo the selection by hand
+    x = to_float(synthetic.train.x[trigger_rows(index, len(synthetic.train), 32, 0)])
+    acts = _group_acts(model, stamp(x, s["pattern"], s["mask"]))
+    for g in range(3):
+        chosen = select_neurons(acts[g], 2)
+        assert s["neurons"][2 * g:2 * g + 2].tolist() == chosen.tolist(), g
+        assert s["delta"][2 * g:2 * g + 2].tolist() == pytest.approx(acts[g][:, chosen].mean(0).tolist(), rel=1e-4), g
+    # the loss before optimisation is the sum of the three groups' Eq. 3
+    parts = [assimilation_loss(acts[g][:, s["neurons"][2 * g:2 * g + 2]], s["delta"][2 * g:2 * g + 2]).item()
+             for g in range(3)]
+    assert all(v > 0 for v in parts)
+    assert s["trigger_loss"][0].item() == pytest.approx(sum(parts), rel=1e-3)
+    assert s["trigger_loss"][0].item() > 1.05 * max(parts)       # not one group's alone
+
+    # ``layers`` last (the default): one group, ``layer``'s (here the last: 2)
+    last = CheatKD(make_params(Params, {**base, "layers": "last", "trigger_epochs": 0}), synthetic)
+    last.fit(ctx, synthetic.train, index)
+    assert last.state["neuron_group"].tolist() == [2, 2]
+    assert last.state["neurons"].tolist() == s["neurons"][4:].tolist()
+    assert last.state["trigger_loss"][0].item() == pytest.approx(parts[2], rel=1e-3)
+
+    # optimised: the summed loss falls, measured afresh on the trigger set with the final trigger
+    fitted = CheatKD(make_params(Params, {**base, "trigger_epochs": 15, "trigger_lr": 0.05}), synthetic)
+    fitted.fit(ctx, synthetic.train, index)
+    f = fitted.state_dict()
+    assert torch.equal(f["neurons"], s["neurons"]) and torch.equal(f["neuron_group"], s["neuron_group"])
+    acts = _group_acts(model, fitted.apply(x))
+    after = assimilation_loss(gather_poisoned(acts, f["neuron_group"], f["neurons"]), f["delta"]).item()
+    print(f"\nlayers=all: Eq. 3 summed over 3 groups {f['trigger_loss'][0]:.4f} -> {after:.4f}")
+    assert after < 0.8 * f["trigger_loss"][0].item()
+
+
 # ============================================================================ the teacher's starting point
 
 def test_teacher_starts_from_the_clean_model_unless_scratch(synthetic):
@@ -289,6 +365,77 @@ def test_attack_stage_trains_from_the_attacks_initial_model(tmp_path, monkeypatc
     assert not torch.equal(next(fresh.parameters()), next(marker.parameters()))
 
 
+def test_teacher_lr_sets_the_lr_of_the_teachers_training(synthetic):
+    """``teacher_lr`` None keeps the stage's SGD config; a value replaces its lr (a piecewise
+    schedule's values scaled with it); other attacks keep the stage's; the stage's hash changes."""
+    cfg = SGDConfig(epochs=10, lr=0.1, weight_decay=1e-3, schedule="multistep", milestones=(5,))
+    assert CheatKD(Params(), synthetic).training_config(cfg) is cfg
+    assert _badnets(synthetic, 0.1).training_config(cfg) is cfg
+    set_lr = CheatKD(make_params(Params, {"teacher_lr": 0.001}), synthetic).training_config(cfg)
+    assert set_lr == dataclasses.replace(cfg, lr=0.001)
+    assert set_lr.lr_at(0) == pytest.approx(0.001) and set_lr.lr_at(5) == pytest.approx(0.0001)
+    piecewise = SGDConfig(lr=0.1, schedule="piecewise", milestones=(2, 4), lr_values=(0.01, 0.001))
+    scaled = CheatKD(make_params(Params, {"teacher_lr": 0.01}), synthetic).training_config(piecewise)
+    assert [scaled.lr_at(e) for e in (0, 2, 4)] == pytest.approx([0.01, 0.001, 0.0001])
+    hashes = {resolve_attack_stage("synthetic:300:100", "wrn-16-1", "cheatkd", {"teacher_lr": lr}).hash()
+              for lr in (None, 0.001, 0.01)}
+    assert len(hashes) == 3
+
+
+def test_attack_stage_trains_the_teacher_at_teacher_lr(tmp_path):
+    """Through the attack stage (1 epoch, tiny set): at ``teacher_lr`` 0 the teacher's weights stay
+    the clean model's (its starting point); at None (the stage's lr) they move. The stage's
+    metrics carry Eq. 3 on the final teacher and on the clean model."""
+    common = {"trigger_epochs": 1, "trigger_samples": 16, "trigger_batch_size": 16, "kd_epochs": 0}
+    budget = {"epochs": 1, "batch_size": 100}
+    clean_spec = resolve_attack_stage("synthetic:300:100", "wrn-16-1", "none", {}, budget)
+    teachers, metrics = {}, {}
+    for lr in (0.0, None):
+        spec = resolve_attack_stage("synthetic:300:100", "wrn-16-1", "cheatkd", {**common, "teacher_lr": lr}, budget)
+        out = run_attack_stage(spec, tmp_path, rt=RT, progress=quiet, epoch_eval_size=50)
+        teachers[lr], metrics[lr] = load_model(out), read_json(out / "metrics.json", "metrics")
+    clean = load_model(run_attack_stage(clean_spec, tmp_path, rt=RT, progress=quiet))
+    frozen_teacher = dict(teachers[0.0].named_parameters())
+    moved = dict(teachers[None].named_parameters())
+    for k, v in clean.named_parameters():
+        assert torch.equal(frozen_teacher[k], v), k
+    assert any(not torch.equal(moved[k], v) for k, v in clean.named_parameters())
+    for m in metrics.values():
+        assert math.isfinite(m["teacher_trigger_loss"]) and math.isfinite(m["trigger_loss_clean_model"])
+
+
+def test_post_train_logs_eq3_on_the_final_teacher(synthetic):
+    """``post_train``'s metrics: Eq. 3 of the final trigger on the TRAINED teacher it is given
+    (measured here by hand on the trigger set), and the clean model's (the optimisation's last)."""
+    clean_model = _wrn(0, synthetic).eval()
+    data = dataclasses.replace(synthetic, train=synthetic.train.subset(torch.arange(200)))
+    ctx = FitContext(rt=RT, dataset=data, seed=0, clean_model=lambda: clean_model, progress=quiet)
+    params = make_params(Params, {"trigger_epochs": 2, "trigger_samples": 16, "trigger_batch_size": 16,
+                                  "trigger_lr": 0.05, "num_neurons": 3, "kd_epochs": 0})
+    attack = CheatKD(params, data)
+    index = attack.select(data.train.y)
+    attack.fit(ctx, data.train, index)
+    spec = {"name": "wrn-16-1", "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)}
+    evaluate = lambda m: {"ba": 0.5, "asr": 0.5, "ra": 0.5}  # noqa: E731
+
+    def expected(teacher):
+        x = to_float(data.train.x[trigger_rows(index, len(data.train), 16, params.poison_seed)])
+        with torch.no_grad(), autocast(RT):
+            acts = neuron_activations(teacher, attack.apply(x), -1)[:, attack.state["neurons"]]
+        return assimilation_loss(acts, attack.state["delta"]).item()
+
+    teacher = _wrn(1, data).train()                  # a different network: its own activations
+    m = attack.post_train(ctx, teacher, spec, data.train, evaluate).metrics
+    assert math.isfinite(m["teacher_trigger_loss"]) and math.isfinite(m["trigger_loss_clean_model"])
+    assert m["trigger_loss_clean_model"] == attack.state["trigger_loss"][-1].item()
+    assert m["teacher_trigger_loss"] == pytest.approx(expected(teacher.eval()), rel=1e-4)
+    # on the clean model itself the final teacher's figure is the clean model's Eq. 3 (the trigger
+    # set, the final trigger), not the other network's
+    same = attack.post_train(ctx, clean_model, spec, data.train, evaluate).metrics["teacher_trigger_loss"]
+    assert same == pytest.approx(expected(clean_model), rel=1e-4)
+    assert same != pytest.approx(m["teacher_trigger_loss"], rel=1e-2)
+
+
 # ============================================================================ contract and search space
 
 def test_registered_with_paper_defaults():
@@ -297,13 +444,17 @@ def test_registered_with_paper_defaults():
     p = Params()
     assert (p.layer, p.num_neurons, p.delta_rule, p.trigger_lr, p.mask_max, p.kd_method) == \
         (-1, 1, "mean", 0.001, 0.2, "overhaul")
+    assert (p.layers, p.teacher_lr) == ("last", None)     # one distillation layer; the stage's lr
 
 
 def test_search_space_covers_the_papers_sweep_parameters():
     """δ rule / quantile and the number of poisoned neurons (the paper's sensitivity study,
     Sec. 4.2.4: Table 6, Fig. 4), the trigger lr and epochs; test_registry.py checks every entry
     against Params."""
-    assert {"delta_rule", "delta_quantile", "num_neurons", "trigger_lr", "trigger_epochs"} <= set(load_space("cheatkd"))
+    space = load_space("cheatkd")
+    assert {"delta_rule", "delta_quantile", "num_neurons", "trigger_lr", "trigger_epochs"} <= set(space)
+    assert space["layers"].choices == ("last", "all")
+    assert space["teacher_lr"].default is None and {None, 0.001, 0.1} <= set(space["teacher_lr"].choices)
 
 
 # ============================================================================ end to end (slow)
@@ -345,7 +496,7 @@ def _backdoored_teacher(attack: Attack, data: Dataset, clean_model) -> tuple:
     initial = attack.initial_model(ctx)           # the attack stage's path: CheatKD's teacher
     if initial is not None:                       # trains on from the clean model
         teacher.load_state_dict(initial.state_dict())
-    train(teacher, poisoned, E2E_TEACHER, RT, seed=0)
+    train(teacher, poisoned, attack.training_config(E2E_TEACHER), RT, seed=0)
     triggered = triggered_test_set(attack, data.test)
     evaluate = lambda m: backdoor_metrics(m, data.test, triggered, attack.params.target, RT)  # noqa: E731
     return teacher.eval(), evaluate, ctx
@@ -370,6 +521,8 @@ def test_cheatkd_end_to_end_against_badnets(synthetic, trained_clean):
     result = cheat.post_train(ctx, teacher, spec, data.train, evaluate)
     figures["cheatkd student"] = {k[len("student_"):]: v for k, v in result.metrics.items()
                                   if k in ("student_ba", "student_asr", "student_ra")}
+    eq3 = (result.metrics["trigger_loss_clean_model"], result.metrics["teacher_trigger_loss"])
+    assert all(math.isfinite(v) for v in eq3)
     student, student_spec = result.models["student"]
     assert student_spec == {**spec, "name": params.student_model}
     assert student is not teacher
@@ -386,7 +539,7 @@ def test_cheatkd_end_to_end_against_badnets(synthetic, trained_clean):
                kd.heo_sgd(E2E_KD_EPOCHS, E2E_KD_LR, params.kd_batch_size), RT, seed=0)
     figures["badnets student"] = bad_evaluate(bad_student)
 
-    print()
+    print(f"\ncheatkd Eq. 3 of the final trigger: clean model {eq3[0]:.4f}, trained teacher {eq3[1]:.4f}")
     for name, m in figures.items():
         print(f"{name:16s} " + " ".join(f"{k.upper()}={100 * v:.1f}%" for k, v in m.items()))
     # measured (2-core CPU, this budget), fp32 / bf16: CheatKD teacher BA 86.4 / 84.0, ASR 99.2 /

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,12 +39,13 @@ from trainables.data import clean_subset
 from trainables.data.loader import to_float
 from trainables.defenses import nba
 from trainables.defenses.base import DefenseContext
-from trainables.engine import SGDConfig, pick_runtime, train
+from trainables.engine import SGDConfig, TrainingDiverged, pick_runtime, train
 from trainables.metrics import backdoor_metrics
 from trainables.params import ParamError, make_params
 from trainables.registry import get_attack, get_defense
 
 RT = pick_runtime("cpu")
+CIFAR10_JPEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 TARGET = 0
 LAMBDAS = dict(lambda1=0.04, lambda2=0.04)          # see the module docstring
 # the tiny budget of the switch tests: one 64-image batch per epoch, PGD cut to 2 steps
@@ -161,6 +165,51 @@ def test_nba_keeps_a_clean_models_ba(synthetic, trained_clean, backdoor):
     # measured: fp32 BA 0.956 -> 0.839, bf16 0.920 -> 0.897 (seeds 1, 2: drop up to 0.251, bf16
     # seed 2; see the module docstring)
     assert after["ba"] >= before["ba"] - 0.3, (before, after)
+
+
+# ----------------------------------------------------------------------------- divergence (slow)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["backdoor", "clean"])
+def test_defaults_do_not_diverge_on_the_slow_tier_models(synthetic, trained_clean, backdoor, which):
+    """The paper's λ = (2, 2, 0.1) and lr 0.1 on the suite's synthetic WRN-16-1s (larger
+    activations than CIFAR's, so larger Gram and FSP terms): without the default gradient clip
+    the first epoch ends in NaN (measured: both models, every budget tried, lr 0.01 too); with it
+    both runs finish. Budget cut to 1 teacher epoch, 2 epochs, 2 PGD steps: the divergence came
+    within the first epoch."""
+    model = backdoor["model"] if which == "backdoor" else trained_clean[0]
+    budget = dict(teacher_epochs=1, epochs=2, pgd_steps=2)
+    out, ctx = run_nba(model, backdoor["clean"], **budget)
+    epochs = stage(ctx, "nba")
+    assert len(epochs) == 2 and all(math.isfinite(e["total"]) for e in epochs)
+    assert all(torch.isfinite(q).all() for q in out.parameters())
+    # the clip is what keeps it finite here: without it, the same run diverges
+    with pytest.raises(TrainingDiverged):
+        run_nba(model, backdoor["clean"], max_grad_norm=None, **budget)
+
+
+@pytest.mark.slow
+def test_defaults_do_not_diverge_on_a_5000_image_cifar10_model(tmp_path, capsys):
+    """The issue's case: an 8-epoch BadNets WRN-16-1 on 5,000 CIFAR-10 training images (a BA
+    ~43 % model), NBA at its defaults on 10 % clean data; before the default clip it died in epoch
+    1 with ``loss is nan``. Three NBA epochs (the divergence came in the first)."""
+    if not CIFAR10_JPEG.is_dir():
+        pytest.skip(f"{CIFAR10_JPEG} is not present")
+    root = tmp_path / "cifar5k"
+    for split, per_class in (("train", 500), ("test", 200)):
+        for folder in sorted((CIFAR10_JPEG / split).iterdir()):
+            (root / split / folder.name).mkdir(parents=True)
+            for f in sorted(folder.iterdir())[:per_class]:
+                (root / split / folder.name / f.name).symlink_to(f)
+    from sweep.cli import main
+    out = tmp_path / "run"
+    code = main(["run", "--dataset", f"imagefolder:{root}", "--attack", "badnets", "--set", "train.epochs=8",
+                 "--cache", str(tmp_path / "cache"), "--defense", "nba", "--set", "defense.clean_fraction=0.1",
+                 "--set", "defense.epochs=3", "--eval-size", "500", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(math.isfinite(metrics[k]) for k in ("ba", "asr")), metrics
 
 
 # ----------------------------------------------------------------------------- the loss on one batch (slow)

@@ -201,10 +201,13 @@ class SGDConfig:
     gamma: float = 0.1
     lr_values: tuple[float, ...] = ()
     max_grad_norm: float | None = None     # clip the global gradient norm; None = off (the papers')
+    warmup_epochs: int | None = None       # linear warm-up: epoch e < w runs at (e+1)/(w+1) of the schedule's lr
 
     def __post_init__(self):
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be positive (or None: no clipping)")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be >= 0")
         if self.epochs < 0 or self.batch_size < 1 or not self.lr >= 0:
             raise ValueError(f"bad training budget: epochs={self.epochs} batch_size={self.batch_size} lr={self.lr}")
         if self.schedule not in ("cosine", "constant", "multistep", "piecewise"):
@@ -214,6 +217,11 @@ class SGDConfig:
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate used during 0-based ``epoch``."""
+        lr = self._scheduled_lr(epoch)
+        w = self.warmup_epochs or 0
+        return lr * (epoch + 1) / (w + 1) if epoch < w else lr
+
+    def _scheduled_lr(self, epoch: int) -> float:
         if self.schedule == "cosine":
             return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / max(1, self.epochs)))
         if self.schedule == "multistep":
@@ -328,7 +336,10 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
             scaler.scale(loss).backward()
             if cfg.max_grad_norm is not None:
                 scaler.unscale_(opt)       # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], cfg.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]],
+                                                      cfg.max_grad_norm)
+                # logged: how large the gradients were, and how often the clip acted
+                logs = {**logs, "grad_norm": norm, "clipped": (norm > cfg.max_grad_norm).float()}
             scaler.step(opt)               # skips the step when fp16 gradients overflowed
             scaler.update()
             stats.add({"loss": loss, **logs}, len(y))

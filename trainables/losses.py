@@ -2,10 +2,13 @@
 
 Attention maps (NAD, ARGD), Gram matrices (NBA's response behaviour), FSP matrices (NBA's
 learning behaviour), temperature KD (NBA's prediction behaviour, CheatKD's logit-KD baseline),
-untargeted PGD (NBA's pseudo samples, CLA's perturbations) and BatchNorm recalibration (MCR).
+untargeted PGD (NBA's pseudo samples, CLA's perturbations), BatchNorm recalibration (MCR) and
+BatchNorm passes that leave the running statistics alone (NBA's pass on pseudo samples).
 Feature maps are ``B×C×H×W`` tensors from ``model.features``; every loss averages over the batch.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -56,26 +59,33 @@ def fsp_matrix(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
     return a @ b.transpose(1, 2) / (h * w)
 
 
-def fsp_loss(feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> torch.Tensor:
+def fsp_loss(feats_s: list[torch.Tensor], feats_t: list[torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     """``Σ_l mean((M^T_l − M^S_l)²)`` over adjacent layer-group pairs (teacher detached): NBA's
-    L_LNB (Eq. 5) with the FSP matrix standing in for Eq. 4's learning matrix."""
+    L_LNB (Eq. 5) with the FSP matrix standing in for Eq. 4's learning matrix. ``reduction``:
+    ``mean`` over the C_l×C_{l+1} entries (Yim et al.'s form), or ``sum`` (Eq. 5's squared norm);
+    both average over the batch."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"fsp_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
     total = feats_s[0].new_zeros((), dtype=torch.float32)
     for i in range(len(feats_s) - 1):
         m_t = fsp_matrix(feats_t[i].detach(), feats_t[i + 1].detach())
         m_s = fsp_matrix(feats_s[i], feats_s[i + 1])
-        total = total + (m_t - m_s).pow(2).mean()
+        sq = (m_t - m_s).pow(2)
+        total = total + (sq.mean() if reduction == "mean" else sq.sum(dim=(1, 2)).mean())
     return total
 
 
 # ----------------------------------------------------------------------------- KD (Hinton)
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 5.0,
+            t_squared: bool = True) -> torch.Tensor:
     """``KL(softmax(u/T) || softmax(z/T))·T²`` with u the (detached) teacher logits (Hinton et al.
-    2015; NBA's L_PNB, Eqs. 6–7, with Hinton's T² scaling)."""
+    2015, whose T² keeps the soft term's gradients at the hard term's scale); ``t_squared=False``
+    drops the T² (NBA's L_PNB, Eq. 7)."""
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
     p_t = F.softmax(teacher_logits.detach().float() / t, dim=1)
-    return F.kl_div(log_p_s, p_t, reduction="batchmean") * t * t
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * (t * t if t_squared else 1.0)
 
 
 # ----------------------------------------------------------------------------- PGD
@@ -112,6 +122,21 @@ def pgd_untargeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
 # ----------------------------------------------------------------------------- BatchNorm
 
 @torch.no_grad()
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module):
+    """Train-mode passes inside this block normalise with the batch's own statistics, as usual,
+    but leave every BatchNorm's running statistics as they were (momentum 0 for the block)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0                       # running = (1 - 0)·running + 0·batch
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+
+
 def recalibrate_bn(model: nn.Module, x_u8: torch.Tensor, batch_size: int = 128, channels_last: bool = False) -> None:
     """Recompute every BatchNorm's running statistics from ``x_u8`` (cumulative average), as MCR
     does at a curve point; the model is left in eval mode."""

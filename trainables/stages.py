@@ -248,6 +248,8 @@ def _build_attack_stage(spec: AttackStageSpec, out: Path, cache: str | Path | Ar
     if initial is not None:
         progress("training starts from the attack's initial model (CheatKD: the clean model)")
         model.load_state_dict(initial.state_dict())
+    if attack is not None:
+        cfg = attack.training_config(cfg)      # the stage's own budget but for CheatKD's teacher_lr
     per_epoch = Evaluator(dataset, triggered, target, rt, subset=epoch_eval_size, seed=spec.seed)
     progress(f"training {spec.model} on {len(train_set)} images for {cfg.epochs} epochs ({rt.description})")
     history = train(model, train_set, cfg, rt, seed=spec.seed, on_epoch=lambda e, logs: per_epoch(model),

@@ -15,7 +15,7 @@ from torch import nn
 
 from trainables.data.base import Dataset, ImageSet
 from trainables.data.loader import to_float, to_uint8
-from trainables.engine import Runtime
+from trainables.engine import Runtime, SGDConfig
 from trainables.params import param
 
 
@@ -97,6 +97,11 @@ class Attack:
         """The trained model the backdoored model starts from, or None for a fresh model from the
         stage's seed (every attack but CheatKD, whose teacher is the clean model trained on)."""
         return None
+
+    def training_config(self, cfg: SGDConfig) -> SGDConfig:
+        """The SGD config the backdoored model is trained with, given the stage's ``cfg``: ``cfg``
+        itself for every attack but CheatKD (its ``teacher_lr``)."""
+        return cfg
 
     # -- 3. the trigger ----------------------------------------------------------------------
     def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

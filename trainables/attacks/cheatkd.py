@@ -10,9 +10,10 @@ implementation. Equation, section and table numbers below are the paper's.
        x* = (1 − M)·x + M·P                                            (Eq. 1)
 
 2. Poisoned layer: the end of layer group ``layer`` (default the last one, where feature
-   distillation reads). A batch of triggered images goes through the CLEAN model; the poisoned
-   neurons N* are the ``num_neurons`` channels with the largest mean activation (Sec. 3.2.1; ties:
-   lowest index, Sec. 3.2.2).
+   distillation reads), or with ``layers`` all every group distillation reads. A batch of
+   triggered images goes through the CLEAN model; the poisoned neurons N* of a poisoned layer are
+   its ``num_neurons`` channels with the largest mean activation (Sec. 3.2.1; ties: lowest index,
+   Sec. 3.2.2).
 3. δ, the value the poisoned neurons are driven to, is taken from their activation distribution
    on that batch (Sec. 4.2.4): ``mean`` (the paper's choice, Table 6's best), ``max``, ``min``,
    ``mid`` = (max+min)/2, ``quarter`` = (max+min)/4 (Table 6's five points), or ``quantile``
@@ -23,12 +24,15 @@ implementation. Equation, section and table numbers below are the paper's.
 
        L = Σ_{i∈N*} (I_i − δ_i)²                                       (Eq. 3)
 
-   averaged over the images of a batch.
+   averaged over the images of a batch (N*: the poisoned neurons of every poisoned layer).
 5. The teacher is trained on clean images plus triggered images relabelled to the target (the
-   attack stage's standard poisoning path), starting from the clean model of step 2.
+   attack stage's standard poisoning path), starting from the clean model of step 2, at the
+   stage's ``train`` lr or ``teacher_lr``.
 6. ``post_train``: the victim distils a student from the backdoored teacher on CLEAN data only
    (``trainables.kd``; Heo et al.'s overhaul feature KD by default, as in the paper); the
-   student's BA/ASR/RA are the attack's figures.
+   student's BA/ASR/RA are the attack's figures. It also logs Eq. 3 of the final trigger on the
+   FINAL teacher (``teacher_trigger_loss``) beside its value on the clean model it was fitted on
+   (``trigger_loss_clean_model``): whether the poisoned training moved the poisoned neurons.
 
 What the paper leaves open, and what this implementation chose:
 
@@ -52,6 +56,16 @@ What the paper leaves open, and what this implementation chose:
   ``train`` budget: the channels the trigger was optimised against are the teacher's own.
   ``scratch`` trains a fresh model from the same seed instead (same initial weights and batch
   order as the clean model), where nothing ties the new teacher's channels to N*.
+* Step 5's lr (``teacher_lr``): the paper's "lr 0.001, 300 epochs" (Sec. 4.1.5) may describe the
+  teacher's poisoned training, not the trigger; by default (None) the teacher is trained at the
+  stage's ``train`` lr with a fresh schedule (e.g. 0.1, which can move the very channels the
+  trigger was fitted to); ``teacher_lr`` 0.001 is the other reading (the schedule's shape kept).
+* Poisoned layers (``layers``): the paper's "one poisoned neuron per poisoned layer" (Sec. 4.1.5)
+  and "the end of the layer groups as the poisoned layer" (Sec. 3.2.1) leave open how many layers
+  are poisoned; ``last`` (default) poisons the one distillation layer ``layer`` (the abstract's
+  "a particular distillation layer"), ``all`` every group distillation reads (every
+  tap of ``model.features``), ``num_neurons`` neurons each with δ from its own distribution, and
+  Eq. 3 summed over all of them (the groups unweighted).
 * The paper's "lr 0.001, 300 epochs" (Sec. 4.1.5) is read as the trigger optimisation's Adam lr
   and epochs; the distillation follows the KD paper it cites ([33], Heo et al.: SGD nesterov
   lr 0.1, wd 5e-4, batch 128, 200 epochs, ÷10 at 1/2 and 3/4).
@@ -63,6 +77,7 @@ What the paper leaves open, and what this implementation chose:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -73,7 +88,7 @@ from trainables import rundir
 from trainables.attacks.base import Attack, AttackParams, FitContext, PostTrainResult
 from trainables.data.base import ImageSet
 from trainables.data.loader import batches, to_float
-from trainables.engine import autocast
+from trainables.engine import SGDConfig, autocast
 from trainables.kd import METHODS as KD_METHODS, distill, heo_sgd
 from trainables.models import build_model
 from trainables.params import param
@@ -81,6 +96,7 @@ from trainables.registry import register_attack
 
 DELTA_RULES = ("mean", "max", "min", "mid", "quarter", "quantile")
 TEACHER_INITS = ("clean", "scratch")
+LAYERS = ("last", "all")
 
 
 @dataclass(frozen=True)
@@ -89,7 +105,12 @@ class Params(AttackParams):
                                     "10% as BadNets/Blend)", low=0.0, high=1.0)
     layer: int = param(-1, "layer group whose end is the poisoned layer (paper: the distillation "
                            "layer; -1 = the last group)")
-    num_neurons: int = param(1, "number n of poisoned neurons (paper: 1; ASR holds for n <= 9)", low=1)
+    layers: str = param("last", "poisoned layers: last = the one group `layer` | all = every group "
+                                "distillation reads, num_neurons neurons and δ each, Eq. 3 summed over "
+                                "them (paper Sec. 4.1.5: 'one poisoned neuron per poisoned layer'; read: last)",
+                        choices=LAYERS)
+    num_neurons: int = param(1, "number n of poisoned neurons per poisoned layer (paper: 1; ASR holds "
+                                "for n <= 9)", low=1)
     delta_rule: str = param("mean", "δ from the poisoned neurons' activations: mean|max|min|"
                                     "mid=(max+min)/2|quarter=(max+min)/4 (paper: mean, Table 6) or "
                                     "quantile (delta_quantile)", choices=DELTA_RULES)
@@ -105,6 +126,9 @@ class Params(AttackParams):
     teacher_init: str = param("clean", "the poisoned training starts from: clean = the clean model the "
                                        "neurons were read from (paper Sec. 3.1: F_t becomes F_t*) | "
                                        "scratch = a fresh model, same seed", choices=TEACHER_INITS)
+    teacher_lr: float | None = param(None, "lr of the teacher's poisoned training, step 5 (None = the stage's "
+                                           "train lr; paper: Sec. 4.1.5's 'lr 0.001' may be this one, read "
+                                           "here as the trigger's)", low=0.0, high=1.0)
     student_model: str = param("wrn-16-1", "the victim's student architecture (paper: WRN-16-4 "
                                            "from a WRN-28-4 teacher)")
     kd_method: str = param("overhaul", "the victim's distillation: overhaul (Heo et al. 2019, the "
@@ -161,6 +185,34 @@ def assimilation_loss(acts: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (acts - delta).pow(2).sum(1).mean()
 
 
+def select_poisoned(acts: list[torch.Tensor], groups: list[int], n: int, rule: str = "mean",
+                    quantile: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The poisoned neurons of every poisoned layer: for each group ``g`` of ``groups``, the ``n``
+    channels of ``acts[g]`` (B×C_g) with the largest mean and their δ from their own activations.
+    Returns (group of each neuron, its channel, its δ), concatenated group after group."""
+    group_of, neurons, delta = [], [], []
+    for g in groups:
+        chosen = select_neurons(acts[g], n)
+        group_of.append(torch.full_like(chosen, g))
+        neurons.append(chosen)
+        delta.append(delta_values(acts[g][:, chosen], rule, quantile))
+    return torch.cat(group_of), torch.cat(neurons), torch.cat(delta)
+
+
+def gather_poisoned(acts, groups: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
+    """B×n: the activations of the poisoned neurons (``groups[k]``'s channel ``neurons[k]``, in
+    that order) from ``acts``, group -> B×C_g (a list or a dict)."""
+    return torch.stack([acts[g][:, i] for g, i in zip(groups.tolist(), neurons.tolist())], dim=1)
+
+
+def poisoned_activations(model: nn.Module, x: torch.Tensor, groups: torch.Tensor,
+                         neurons: torch.Tensor) -> torch.Tensor:
+    """B×n: the poisoned neurons' spatial-mean activations on ``x`` (one forward, every group)."""
+    taps, _ = model.features(x)
+    acts = {g: taps[g].float().mean(dim=(2, 3)) for g in set(groups.tolist())}
+    return gather_poisoned(acts, groups, neurons)
+
+
 # ============================================================================ the attack
 
 @register_attack
@@ -190,38 +242,59 @@ class CheatKD(Attack):
         mask = (torch.rand(size, size, generator=gen) * p.mask_max).to(rt.device)
 
         images = train.x[trigger_rows(index, len(train), p.trigger_samples, p.poison_seed)].to(rt.device)
-        self._check_layer(model, images[:1])
+        groups = self._poisoned_groups(model, images[:1])
 
-        # steps 2-3: neurons and δ from the first batch, triggered with the initial P and M
+        # steps 2-3: neurons and δ of every poisoned layer from the first batch, triggered with the
+        # initial P and M
         with torch.no_grad(), autocast(rt):
-            acts = neuron_activations(model, stamp(to_float(images[:p.trigger_batch_size]), pattern, mask), p.layer)
-        neurons = select_neurons(acts, p.num_neurons)
-        delta = delta_values(acts[:, neurons], p.delta_rule, p.delta_quantile)
-        ctx.progress(f"cheatkd: poisoned neurons {neurons.tolist()} of group {p.layer}, "
-                     f"δ = {[round(v, 4) for v in delta.tolist()]} ({p.delta_rule})")
+            taps, _ = model.features(stamp(to_float(images[:p.trigger_batch_size]), pattern, mask))
+            acts = [t.float().mean(dim=(2, 3)) for t in taps]
+        group_of, neurons, delta = select_poisoned(acts, groups, p.num_neurons, p.delta_rule, p.delta_quantile)
+        for g in groups:
+            ctx.progress(f"cheatkd: poisoned neurons {neurons[group_of == g].tolist()} of group {g}, "
+                         f"δ = {[round(v, 4) for v in delta[group_of == g].tolist()]} ({p.delta_rule})")
 
         # step 4: optimise P and M with the neurons and δ fixed
-        pattern, mask, losses = self._optimise(model, images, neurons, delta, pattern, mask, ctx)
+        pattern, mask, losses = self._optimise(model, images, group_of, neurons, delta, pattern, mask, ctx)
+        # tensors only (attack_state.pt loads with weights_only=True): the poisoned neurons of every
+        # poisoned layer as three aligned vectors, neuron k being group neuron_group[k]'s channel
+        # neurons[k], driven to delta[k]
         self.state = {"pattern": pattern.detach().cpu(), "mask": mask.detach().cpu(),
-                      "neurons": neurons.cpu(), "delta": delta.cpu(),
+                      "neurons": neurons.cpu(), "delta": delta.cpu(), "neuron_group": group_of.cpu(),
                       "layer": torch.tensor(p.layer), "trigger_loss": torch.tensor(losses)}
 
     def initial_model(self, ctx: FitContext) -> nn.Module | None:
         """Step 5 starts from the clean model of steps 2-4 (``teacher_init`` clean) or fresh."""
         return ctx.clean_model() if self.params.teacher_init == "clean" else None
 
-    def _check_layer(self, model: nn.Module, x_u8: torch.Tensor) -> None:
+    def training_config(self, cfg: SGDConfig) -> SGDConfig:
+        """Step 5's SGD: the stage's ``cfg`` at ``teacher_lr`` when set (a piecewise schedule's
+        values scaled with it: the schedule's shape is kept)."""
+        lr = self.params.teacher_lr
+        if lr is None:
+            return cfg
+        values = tuple(v * lr / cfg.lr for v in cfg.lr_values) if cfg.lr > 0 else cfg.lr_values
+        return dataclasses.replace(cfg, lr=lr, lr_values=values)
+
+    def _poisoned_groups(self, model: nn.Module, x_u8: torch.Tensor) -> list[int]:
+        """The poisoned layers' group indices (non-negative): ``layer``'s, or every group's."""
         p = self.params
         with torch.no_grad():
             taps, _ = model.features(to_float(x_u8))
-        if not -len(taps) <= p.layer < len(taps):
+        if p.layers == "all":
+            groups = list(range(len(taps)))
+        elif not -len(taps) <= p.layer < len(taps):
             raise ValueError(f"cheatkd.layer={p.layer} but the model has {len(taps)} layer groups")
-        if p.num_neurons > taps[p.layer].shape[1]:
-            raise ValueError(f"cheatkd.num_neurons={p.num_neurons} but layer group {p.layer} has "
-                             f"{taps[p.layer].shape[1]} channels")
+        else:
+            groups = [p.layer % len(taps)]
+        for g in groups:
+            if p.num_neurons > taps[g].shape[1]:
+                raise ValueError(f"cheatkd.num_neurons={p.num_neurons} but layer group {g} has "
+                                 f"{taps[g].shape[1]} channels")
+        return groups
 
-    def _optimise(self, model: nn.Module, images: torch.Tensor, neurons: torch.Tensor, delta: torch.Tensor,
-                  pattern: torch.Tensor, mask: torch.Tensor, ctx: FitContext):
+    def _optimise(self, model: nn.Module, images: torch.Tensor, groups: torch.Tensor, neurons: torch.Tensor,
+                  delta: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor, ctx: FitContext):
         """Projected Adam on (P, M) for ``trigger_epochs`` passes; returns P, M and the mean loss
         before optimisation followed by the mean loss of every epoch."""
         p, rt = self.params, ctx.rt
@@ -230,12 +303,12 @@ class CheatKD(Attack):
         opt = torch.optim.Adam([pattern, mask], lr=p.trigger_lr)
         gen = torch.Generator(device=rt.device).manual_seed(p.poison_seed)
         labels = torch.zeros(len(images), dtype=torch.long, device=rt.device)
-        losses = [self._mean_loss(model, images, neurons, delta, pattern, mask, rt)]
+        losses = [self._mean_loss(model, images, groups, neurons, delta, pattern, mask, rt)]
         for epoch in range(p.trigger_epochs):
             total, count = 0.0, 0
             for xb, _, _ in batches(images, labels, p.trigger_batch_size, generator=gen, shuffle=True):
                 with autocast(rt):
-                    acts = neuron_activations(model, stamp(xb, pattern, mask), p.layer)[:, neurons]
+                    acts = poisoned_activations(model, stamp(xb, pattern, mask), groups, neurons)
                 loss = assimilation_loss(acts, delta)
                 # gradients to P and M only: the clean model's parameters are left untouched
                 pattern.grad, mask.grad = torch.autograd.grad(loss, (pattern, mask))
@@ -250,14 +323,34 @@ class CheatKD(Attack):
                              f"(start {losses[0]:.5g})")
         return pattern.detach(), mask.detach(), losses
 
-    def _mean_loss(self, model, images, neurons, delta, pattern, mask, rt) -> float:
+    def _mean_loss(self, model, images, groups, neurons, delta, pattern, mask, rt) -> float:
+        """Eq. 3 of the trigger (P, M) on ``model``, averaged over the uint8 ``images``."""
         total = 0.0
         with torch.no_grad(), autocast(rt):
             for s in range(0, len(images), self.params.trigger_batch_size):
                 xb = to_float(images[s:s + self.params.trigger_batch_size])
-                acts = neuron_activations(model, stamp(xb, pattern, mask), self.params.layer)[:, neurons]
+                acts = poisoned_activations(model, stamp(xb, pattern, mask), groups, neurons)
                 total += assimilation_loss(acts, delta).item() * len(xb)
         return total / len(images)
+
+    def trigger_losses(self, ctx: FitContext, model: nn.Module, train: ImageSet) -> dict:
+        """Eq. 3 of the final trigger on ``model`` (the trained teacher) beside its value on the
+        clean model (the last entry of the optimisation's losses: the mean over its last epoch)."""
+        p, s, rt = self.params, self.state, ctx.rt
+        # the trigger set of ``fit``: the stage's poisoned rows are ``select(train.y)`` (seeded by
+        # poison_seed, the same draw ``fit`` was given), and ``train`` holds their clean images
+        rows = trigger_rows(self.select(train.y), len(train), p.trigger_samples, p.poison_seed)
+        groups = s.get("neuron_group")
+        if groups is None:          # a state saved before several poisoned layers existed
+            groups = torch.full_like(s["neurons"], int(s["layer"]))
+        was_training = model.training
+        model.eval()
+        try:
+            loss = self._mean_loss(model, train.x[rows].to(rt.device), groups, s["neurons"], s["delta"].to(rt.device),
+                                   s["pattern"].to(rt.device), s["mask"].to(rt.device), rt)
+        finally:
+            model.train(was_training)
+        return {"teacher_trigger_loss": loss, "trigger_loss_clean_model": float(s["trigger_loss"][-1])}
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         pattern = self.state["pattern"].to(x.device, x.dtype)
@@ -269,6 +362,9 @@ class CheatKD(Attack):
         """Step 6: the victim distils a fresh student from the backdoored teacher ``model`` on the
         clean training set ``train``; the student's BA/ASR/RA are the attack's figures."""
         p = self.params
+        losses = self.trigger_losses(ctx, model, train)
+        ctx.progress(f"cheatkd: Eq. 3 of the final trigger on the trained teacher {losses['teacher_trigger_loss']:.5g} "
+                     f"(on the clean model: {losses['trigger_loss_clean_model']:.5g})")
         mean, std, classes = model_spec["mean"], model_spec["std"], model_spec["num_classes"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)
@@ -278,10 +374,11 @@ class CheatKD(Attack):
         history = distill(student, model, train, p.kd_method, heo_sgd(p.kd_epochs, p.kd_lr, p.kd_batch_size),
                           ctx.rt, seed=ctx.seed, progress=ctx.progress)
         m = evaluate(student)
-        metrics = {"student_ba": m.get("ba"), "student_asr": m.get("asr"), "student_ra": m.get("ra")}
+        metrics = {"student_ba": m.get("ba"), "student_asr": m.get("asr"), "student_ra": m.get("ra"), **losses}
         if history:
             metrics["student_kd_loss"] = history[-1]["loss"]
         ctx.progress("cheatkd student: " + " ".join(f"{k}={100 * v:.2f}%" for k, v in metrics.items()
-                                                    if k != "student_kd_loss" and v is not None))
+                                                    if k.startswith("student_") and k != "student_kd_loss"
+                                                    and v is not None))
         spec = rundir.model_spec(p.student_model, classes, mean, std)
         return PostTrainResult(metrics=metrics, models={"student": (student, spec)})

@@ -10,7 +10,8 @@
 * ``check_lr_steps(p)``, ``student_sgd(p)``, ``teacher_sgd(p)``: the SGD settings NAD and ARGD
   share (NBA's teacher too), read from the method's own ``Params``;
 * ``complement(n, index)``: the indices of ``range(n)`` not in ``index`` (ABL's and DLP's split);
-* ``unlearning_loss``: gradient ascent, the engine ``loss_fn`` of ABL's unlearning and DLP's AU.
+* ``unlearning_loss``: gradient ascent, the engine ``loss_fn`` of ABL's unlearning and DLP's AU;
+  ``unlearn(...)``: that ascent with the BatchNorm handling both methods offer (``UNLEARN_BN``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torch import nn
 from trainables.data.base import ImageSet
 from trainables.defenses.base import DefenseContext
 from trainables.engine import SGDConfig, prepare, train
+from trainables.losses import recalibrate_bn
 
 
 def epoch_logger(ctx: DefenseContext, stage: str, model: nn.Module) -> Callable[[int, dict], dict]:
@@ -104,3 +106,28 @@ def unlearning_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: tor
     ``−CE`` (the CE is logged)."""
     ce = F.cross_entropy(model(x).float(), y)
     return -ce, {"ce": ce}
+
+
+# BatchNorm while unlearning: ``train`` updates the running statistics from the unlearnt batches
+# (ABL's official code), ``eval`` normalises with the statistics the model came with and leaves
+# them alone, ``recalibrate`` trains as ``train`` and then recomputes the statistics on the rest
+# of the training set (the unlearnt images left out)
+UNLEARN_BN = ("train", "eval", "recalibrate")
+
+
+def unlearn(model: nn.Module, target: ImageSet, rest_x: torch.Tensor, cfg: SGDConfig, ctx: DefenseContext, *,
+            bn: str, seed: int, augment: bool, on_epoch) -> None:
+    """Gradient ascent on ``target`` (``unlearning_loss``), IN PLACE, BatchNorm as ``bn`` says
+    (``UNLEARN_BN``); ``rest_x`` (uint8 images) is what ``recalibrate`` recomputes the statistics
+    on. The model ends in eval mode.
+
+    Why it matters: the unlearnt batches hold only suspected poison, and for a clean-label attack
+    such as SIG only target-class images, so after a few epochs in train mode the running
+    statistics are theirs, not the data's."""
+    if bn not in UNLEARN_BN:
+        raise ValueError(f"unlearning BatchNorm mode {bn!r}: use one of {list(UNLEARN_BN)}")
+    train(model, target, cfg, ctx.rt, seed=seed, loss_fn=unlearning_loss, augment=augment,
+          on_epoch=on_epoch, train_mode=bn != "eval")
+    if bn == "recalibrate":
+        recalibrate_bn(model, rest_x.to(ctx.rt.device), channels_last=ctx.rt.channels_last)
+    model.eval()

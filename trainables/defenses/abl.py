@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.defenses._common import complement, epoch_logger, unlearning_loss
+from trainables.defenses._common import UNLEARN_BN, complement, epoch_logger, unlearn
 from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import SGDConfig, predict_logits, prepare, train
 from trainables.params import param
@@ -70,6 +70,8 @@ class Params:
     unlearn_epochs: int = param(5, "gradient-ascent epochs on the isolated examples (official code: 5; "
                                 "5-20 in use)", low=0)
     unlearn_lr: float = param(5e-4, "unlearning lr, constant (paper: 5e-4)", low=0.0)
+    unlearn_bn: str = param("train", "BatchNorm while unlearning: train (official code), eval or recalibrate "
+                            "(on the non-isolated examples afterwards)", choices=UNLEARN_BN)
     # -- optimiser ---------------------------------------------------------------------------
     batch_size: int = param(64, "batch size of every phase (official code: 64)", low=1)
     momentum: float = param(0.9, "SGD momentum (official code: 0.9)", low=0.0, high=1.0)
@@ -143,7 +145,7 @@ class ABL(Defense):
         train(model, data.subset(complement(len(data), isolated)),
               p.sgd(p.finetune_epochs, p.finetune_lr, "cosine"), rt, seed=ctx.seed + 1,
               on_epoch=epoch_logger(ctx, "finetune", model))
-        train(model, data.subset(isolated), p.sgd(p.unlearn_epochs, p.unlearn_lr, "constant"), rt,
-              seed=ctx.seed + 2, loss_fn=unlearning_loss, augment=False,
-              on_epoch=epoch_logger(ctx, "unlearn", model))
+        unlearn(model, data.subset(isolated), data.x[complement(len(data), isolated)],
+                p.sgd(p.unlearn_epochs, p.unlearn_lr, "constant"), ctx, bn=p.unlearn_bn, seed=ctx.seed + 2,
+                augment=False, on_epoch=epoch_logger(ctx, "unlearn", model))
         return model.eval()

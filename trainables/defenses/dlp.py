@@ -84,7 +84,7 @@ from trainables.augment import strong, weak
 from trainables.checkpoint import next_phase
 from trainables.data.base import ImageSet
 from trainables.data.loader import batches
-from trainables.defenses._common import complement, epoch_logger, unlearning_loss
+from trainables.defenses._common import UNLEARN_BN, complement, epoch_logger, unlearn
 from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import (EpochStats, Runtime, SGDConfig, StopTraining, accuracy, autocast, epoch_logs,
                                generator, make_sgd, on_device, predict_logits, prepare, restore_rng, set_lr, train)
@@ -111,11 +111,16 @@ class Params:
                                            "labels, eval mode) is at or below this; None = always E2 epochs "
                                            "(paper: no early end)", low=0.0, high=1.0)
     au_augment: bool = param(True, "crop + flip the D'_p images during AU, as in SL (ABL's unlearning: none)")
+    au_bn: str = param("train", "BatchNorm during AU: train (statistics from D'_p batches, as ABL's code), eval "
+                       "(left alone) or recalibrate (train, then recomputed on the rest of the set); paper: "
+                       "not given", choices=UNLEARN_BN)
     # -- ASSFT (FixMatch) ----------------------------------------------------------------------
     assft_epochs: int = param(50, "ASSFT epochs, one = a pass over the unlabelled set (paper: unspecified)", low=0)
     assft_lr: float = param(0.01, "ASSFT initial lr, cosine decay (paper: 0.01)", low=0.0)
     tau: float = param(0.95, "τ, FixMatch pseudo-label confidence threshold (FixMatch: 0.95)", low=0.0, high=1.0)
     lambda_u: float = param(1.0, "λu, weight of the unlabelled loss (FixMatch: 1)", low=0.0)
+    assft_unlabelled: str = param("all", "ASSFT's unlabelled set: every image outside D'_c (paper: all) or "
+                                  "also without D'_p (without_dp)", choices=("all", "without_dp"))
     mu: int = param(7, "μ, unlabelled images per labelled image in a step (FixMatch: 7)", low=1)
     ema: float | None = param(None, "EMA decay of the ASSFT weights, None = off (FixMatch: 0.999; paper: none)",
                               low=0.0, high=1.0)
@@ -163,10 +168,12 @@ def entropy_filter(model: nn.Module, data: ImageSet, gamma: float, num_classes: 
 
 # ----------------------------------------------------------------------------- AU (Eq. 6)
 
-def active_unlearning(model: nn.Module, poisoned: ImageSet, p: Params, ctx: DefenseContext, *, seed: int) -> None:
+def active_unlearning(model: nn.Module, poisoned: ImageSet, rest_x: torch.Tensor, p: Params, ctx: DefenseContext, *,
+                      seed: int) -> None:
     """Gradient ascent on D'_p for up to E2 epochs (Eq. 6), IN PLACE; logs every epoch with
     ``dp_accuracy`` (the model's accuracy on D'_p under its given labels, eval mode) and ends
-    early once that is at most ``au_stop_accuracy``."""
+    early once that is at most ``au_stop_accuracy``. ``rest_x``: the training images outside D'_p
+    (for ``au_bn='recalibrate'``)."""
     def on_epoch(epoch: int, logs: dict) -> dict:
         dp_accuracy = accuracy(model, poisoned, ctx.rt)
         ctx.log_epoch("au", {**logs, "dp_accuracy": dp_accuracy}, model)
@@ -175,9 +182,8 @@ def active_unlearning(model: nn.Module, poisoned: ImageSet, p: Params, ctx: Defe
         return {"dp_accuracy": dp_accuracy}
 
     # unlearning_loss maximises the CE on D'_p (Eq. 6): the engine minimises −CE
-    train(model, poisoned, p.sgd(p.au_epochs, p.au_lr, "constant"), ctx.rt, seed=seed,
-          loss_fn=unlearning_loss, augment=p.au_augment, on_epoch=on_epoch)
-    model.eval()
+    unlearn(model, poisoned, rest_x, p.sgd(p.au_epochs, p.au_lr, "constant"), ctx, bn=p.au_bn, seed=seed,
+            augment=p.au_augment, on_epoch=on_epoch)
 
 
 # ----------------------------------------------------------------------------- ASSFT (Eq. 7)
@@ -314,9 +320,11 @@ class DLP(Defense):
         # 3./4. AU and ASSFT in the chosen order
         for i, stage in enumerate(p.stages.split("-")[1:]):
             if stage == "au":
-                active_unlearning(model, data.subset(poisoned), p, ctx, seed=ctx.seed + 1 + i)
+                active_unlearning(model, data.subset(poisoned), data.x[complement(len(data), poisoned)], p, ctx,
+                                  seed=ctx.seed + 1 + i)
             else:
-                unlabelled = data.x[complement(len(data), clean)]
+                leave_out = torch.cat([clean, poisoned]) if p.assft_unlabelled == "without_dp" else clean
+                unlabelled = data.x[complement(len(data), leave_out)]
                 model = assft(model, data.subset(clean), unlabelled, p, ctx, seed=ctx.seed + 1 + i)
         return model.eval()
 

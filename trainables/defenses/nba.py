@@ -90,6 +90,7 @@ Ablations (all Params fields)
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,7 @@ from torch import nn
 from trainables.defenses._common import epoch_logger, make_teacher, teacher_sgd
 from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import SGDConfig, generator, prepare, train
-from trainables.losses import fsp_loss, gram_style_loss, kd_loss, pgd_untargeted
+from trainables.losses import fsp_loss, frozen_bn_stats, gram_style_loss, kd_loss, pgd_untargeted
 from trainables.params import param
 from trainables.registry import register_defense
 
@@ -118,18 +119,25 @@ class Params:
     alpha: float = param(1.0, "α, weight of the distillation loss in Eq. 12 (paper: 1.0)", low=0.0)
     beta: float = param(0.5, "β, weight of L_UDL inside the distillation loss (paper: 0.5)", low=0.0)
     temperature: float = param(5.0, "T, softmax temperature of the prediction behaviour (paper: 5)", low=1e-3)
+    pnb_t_squared: bool = param(False, "multiply L_PNB by T² (Hinton's scaling; Eq. 7 has none: False)")
+    lnb_reduction: str = param("mean", "L_LNB over the learning matrix's entries: mean (Yim et al.) or sum "
+                               "(Eq. 5's squared norm); see the module docstring", choices=("mean", "sum"))
     # -- pseudo samples (Eq. 10) ------------------------------------------------------------
     eps: float = param(8 / 255, "L∞ radius of the PGD pseudo samples, pixel scale (paper: not given; 8/255)",
                        low=0.0, high=1.0)
     pgd_step: float = param(2 / 255, "PGD step size (paper: not given; 2/255)", low=0.0, high=1.0)
     pgd_steps: int = param(10, "PGD steps, recomputed every batch (paper: not given; 10)", low=0)
     pgd_random_start: bool = param(True, "PGD starts from a uniform point of the ε-ball (Madry et al.: yes)")
+    pseudo_bn: str = param("train", "BatchNorm in the student's train-mode pass on x + δ: update the running "
+                           "statistics (train) or leave them alone (frozen); paper: not given",
+                           choices=("train", "frozen"))
     # -- optimisation -----------------------------------------------------------------------
     epochs: int = param(20, "distillation epochs (paper: not given; 20, like NAD)", low=0)
     lr: float = param(0.1, "initial SGD lr of the student (paper: 0.1)", low=0.0)
     lr_drop_epoch: int = param(2, "epochs at the initial lr before it is multiplied by lr_gamma (NAD's schedule: 2)",
                                low=0)
     lr_gamma: float = param(0.1, "lr factor at lr_drop_epoch (NAD: 0.1 -> 0.01)", low=0.0, high=1.0)
+    warmup_epochs: int = param(0, "linear lr warm-up epochs before the initial lr (paper: none)", low=0)
     batch_size: int = param(64, "batch size of teacher and student (paper: 64)", low=1)
     max_grad_norm: float | None = param(None, "clip the student's gradient norm at this value (not in the "
                                               "paper: None = off); see the module docstring", low=1e-6)
@@ -178,9 +186,9 @@ def behaviour_losses(feats_s, logits_s, feats_t, logits_t, p: Params) -> dict[st
     if "rnb" in p.behaviours:
         terms["rnb"] = rnb_loss(feats_s, feats_t, p.representation)      # Eqs. 1-3
     if "lnb" in p.behaviours:
-        terms["lnb"] = fsp_loss(feats_s, feats_t)                       # Eqs. 4-5, FSP form
+        terms["lnb"] = fsp_loss(feats_s, feats_t, p.lnb_reduction)      # Eqs. 4-5, FSP form
     if "pnb" in p.behaviours:
-        terms["pnb"] = kd_loss(logits_s, logits_t, p.temperature)       # Eqs. 6-7
+        terms["pnb"] = kd_loss(logits_s, logits_t, p.temperature, p.pnb_t_squared)  # Eqs. 6-7
     return terms
 
 
@@ -233,7 +241,9 @@ class Distillation:
             distil = distil + ldl
             logs.update({f"ldl_{k}": v for k, v in terms.items()}, ldl=ldl)
         if p.uses_udl:
-            feats_a, logits_a = student.features(self.udl_input(student, x, y))
+            x_adv = self.udl_input(student, x, y)
+            with frozen_bn_stats(student) if p.pseudo_bn == "frozen" else contextlib.nullcontext():
+                feats_a, logits_a = student.features(x_adv)
             terms = behaviour_losses(feats_a, logits_a, feats_t, logits_t, p)
             udl = distillation_loss(terms, p)                                # Eq. 11
             distil = distil + p.beta * udl
@@ -265,7 +275,7 @@ def distil(student: nn.Module, teacher: nn.Module, ctx: DefenseContext, p: Param
 
     cfg = SGDConfig(epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, momentum=p.momentum,
                     weight_decay=p.weight_decay, schedule="multistep", milestones=(p.lr_drop_epoch,),
-                    gamma=p.lr_gamma, max_grad_norm=p.max_grad_norm)
+                    gamma=p.lr_gamma, max_grad_norm=p.max_grad_norm, warmup_epochs=p.warmup_epochs or None)
     return train(student, ctx.clean, cfg, ctx.rt, seed=ctx.seed + 1, loss_fn=loss, augment=True,
                  params=student.parameters(), on_epoch=on_epoch, generators=(loss.gen,))
 
