@@ -109,6 +109,12 @@ def test_max_grad_norm_bounds_every_step(synthetic):
 
     assert moved(1e-3) <= 0.1 * 1e-3 * 1.001
     assert moved(None) > 100 * moved(1e-3)
+    # the epoch logs how large the gradients were and how often the clip acted
+    m = prepare(build_model("wrn-16-1", 10, synthetic.mean, synthetic.std), RT)
+    (big,) = train(m, small, SGDConfig(epochs=1, lr=0.0, batch_size=32, max_grad_norm=1e-3), RT, seed=0)
+    (never,) = train(m, small, SGDConfig(epochs=1, lr=0.0, batch_size=32, max_grad_norm=1e9), RT, seed=0)
+    assert big["clipped"] == 1.0 and never["clipped"] == 0.0
+    assert big["grad_norm"] == pytest.approx(never["grad_norm"], rel=0.05) and big["grad_norm"] > 1e-3
     with pytest.raises(ValueError, match="max_grad_norm"):
         SGDConfig(max_grad_norm=0.0)
 
@@ -156,6 +162,12 @@ def test_schedules():
     assert [step.lr_at(e) for e in (2, 3, 6)] == [1.0, 0.5, 0.25]
     with pytest.raises(ValueError, match="schedule"):
         SGDConfig(schedule="linear")
+    # linear warm-up over the first epochs, on top of any schedule
+    warm = SGDConfig(epochs=20, lr=0.1, schedule="multistep", milestones=(3,), warmup_epochs=2)
+    assert [warm.lr_at(e) for e in (0, 1, 2, 3)] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.01])
+    assert SGDConfig(lr=0.1, warmup_epochs=None).lr_at(0) == SGDConfig(lr=0.1).lr_at(0)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        SGDConfig(warmup_epochs=-1)
 
 
 def test_asr_excludes_target_class_images():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.defenses.argd import edge_loss, edges
-from trainables.losses import (attention_loss, attention_map, fsp_loss, fsp_matrix, gram_matrix,
+from trainables.losses import (attention_loss, attention_map, frozen_bn_stats, fsp_loss, fsp_matrix, gram_matrix,
                                gram_style_loss, kd_loss, pgd_untargeted, recalibrate_bn)
 
 
@@ -54,6 +54,10 @@ def test_fsp_loss_is_the_mean_squared_difference_summed_over_adjacent_pairs():
     s = [torch.zeros_like(t[0]), t[1].clone()]
     # M^T = [1.5, 3.5], M^S = 0 -> mean((1.5², 3.5²)) = (2.25 + 12.25) / 2
     assert fsp_loss(s, t).item() == pytest.approx(7.25)
+    # Eq. 5's squared norm: the sum over the entries, 2.25 + 12.25
+    assert fsp_loss(s, t, reduction="sum").item() == pytest.approx(14.5)
+    with pytest.raises(ValueError, match="reduction"):
+        fsp_loss(s, t, reduction="max")
 
 
 # ----------------------------------------------------------------------------- attention (NAD)
@@ -81,6 +85,23 @@ def test_kd_loss_zero_when_equal_and_known_two_class_value():
     student = torch.tensor([[5 * math.log(3.0), 0.0]])
     teacher = torch.zeros(1, 2)
     assert kd_loss(student, teacher, temperature=5.0).item() == pytest.approx(25 * 0.5 * math.log(4 / 3), rel=1e-5)
+    # NBA Eq. 7 has no T²
+    assert kd_loss(student, teacher, 5.0, t_squared=False).item() == pytest.approx(0.5 * math.log(4 / 3), rel=1e-5)
+
+
+def test_frozen_bn_stats_normalises_with_the_batch_but_keeps_the_running_statistics():
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(bn).train()
+    x = torch.randn(8, 3, 4, 4) * 5 + 2
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    with frozen_bn_stats(model):
+        out = model(x)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert bn.momentum == 0.1                                        # restored
+    # the output is the train-mode one: normalised with the batch's own statistics
+    assert out.mean().abs().item() < 1e-5 and out.std().item() == pytest.approx(1.0, abs=0.05)
+    model(x)                                                         # outside: statistics move again
+    assert not torch.equal(bn.running_mean, before[0])
 
 
 # ----------------------------------------------------------------------------- ARGD edges

@@ -246,6 +246,25 @@ def test_loss_is_eq_12_with_eqs_8_and_11(full_loss):
     assert logs["udl_pnb"] > logs["ldl_pnb"]
 
 
+def bn_buffers(model) -> torch.Tensor:
+    return torch.cat([b.flatten().float() for n, b in model.named_buffers() if "running" in n])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["train", "frozen"])
+def test_pseudo_bn_decides_whether_x_plus_delta_moves_the_running_statistics(setup, mode):
+    """``frozen``: the running statistics after a step are those of the clean pass alone;
+    ``train``: the pass on x + δ moves them further."""
+    x, y = to_float(setup["clean"].x[:16]), setup["clean"].y[:16]
+    clean_only = copy.deepcopy(setup["model"]).train()
+    clean_only.features(x)
+    student = copy.deepcopy(setup["model"]).train()
+    p = make_params(nba.Params, {"pgd_steps": 2, "pseudo_bn": mode})
+    nba.Distillation(setup["teacher"], p, context(student, setup["clean"]))(student, x, y, torch.arange(16))
+    same = torch.allclose(bn_buffers(student), bn_buffers(clean_only))
+    assert same == (mode == "frozen")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("subset", [("rnb",), ("lnb",), ("pnb",)])
 def test_behaviours_switch_selects_the_terms(setup, full_loss, subset):

@@ -258,6 +258,60 @@ def test_dlp_au_stops_early_once_d_p_is_unlearnt(badnets):
     assert sum(e["stage"] == "au" for e in ctx.history) == 1
 
 
+def bn_state(model: nn.Module) -> torch.Tensor:
+    return torch.cat([b.flatten().float() for n, b in model.named_buffers() if "running" in n])
+
+
+@pytest.mark.parametrize("bn", ["train", "eval", "recalibrate"])
+def test_unlearning_batchnorm_modes(badnets, bn):
+    """``unlearn`` (ABL's unlearning, DLP's AU): ``eval`` leaves the running statistics as they
+    were, ``train`` moves them towards the unlearnt batches', ``recalibrate`` recomputes them on
+    the rest of the set (the same as ``recalibrate_bn`` there, whatever the ascent did)."""
+    from trainables.defenses._common import unlearn
+    from trainables.losses import recalibrate_bn
+    ctx = context(badnets, badnets["poisoned"], badnets["index"], evaluate=False)
+    model = prepare(SmallCNN(), RT)
+    train(model, badnets["poisoned"], SGDConfig(epochs=1, lr=0.05, batch_size=32), RT, seed=0)
+    target = badnets["poisoned"].subset(badnets["index"][:64])
+    rest_x = badnets["poisoned"].x[200:1200]
+    before = bn_state(model)
+    unlearn(model, target, rest_x, SGDConfig(epochs=2, lr=5e-4, batch_size=16), ctx, bn=bn, seed=0,
+            augment=False, on_epoch=None)
+    after = bn_state(model)
+    assert not model.training
+    if bn == "eval":
+        assert torch.equal(after, before)
+    else:
+        assert not torch.allclose(after, before)
+    if bn == "recalibrate":
+        again = prepare(SmallCNN(), RT)
+        again.load_state_dict(model.state_dict())
+        recalibrate_bn(again, rest_x)
+        assert torch.allclose(bn_state(again), after, atol=1e-5)
+
+
+def test_dlp_assft_unlabelled_set_with_and_without_d_p(badnets, monkeypatch):
+    """``assft_unlabelled``: ``all`` gives FixMatch every image outside D'_c (D'_p included, the
+    paper's), ``without_dp`` leaves D'_p out too."""
+    import trainables.defenses.dlp as dlp_mod
+    seen = {}
+    real = dlp_mod.assft
+
+    def spy(model, labelled, unlabelled_x, p, ctx, **kw):
+        seen[p.assft_unlabelled] = len(unlabelled_x)
+        return real(model, labelled, unlabelled_x, p, ctx, **kw)
+
+    monkeypatch.setattr(dlp_mod, "assft", spy)
+    small = torch.arange(200)
+    for mode in ("all", "without_dp"):
+        ctx = context(badnets, badnets["poisoned"].subset(small), badnets["index"][badnets["index"] < 200],
+                      evaluate=False)
+        dlp(stages="sl-assft", gamma=0.05, sl_epochs=1, assft_epochs=1, batch_size=16, mu=2,
+            assft_unlabelled=mode).run(ctx)
+    # 200 images, γ 5%: D'_c = 10 (1 per class), D'_p = 10
+    assert seen == {"all": 190, "without_dp": 180}
+
+
 # ----------------------------------------------------------------------------- ABL isolation
 
 def test_abl_isolation_finds_poisoned_samples(badnets):
