@@ -36,7 +36,8 @@ Settings, and what the paper leaves open
 * Isolation keeps the LOWEST-loss examples, as the paper says (the official code's
   ``argsort(-loss)`` takes the highest).
 * The isolation model is the one fine-tuned and unlearnt (the official ``finetuning_ascent_model``
-  option, on by default there); BatchNorm stays in training mode while unlearning, as there.
+  option, on by default there); BatchNorm stays in training mode while unlearning, as there
+  (``unlearn_bn``: ``train``; ``eval`` and ``recalibrate`` as DLP's ``au_bn``).
 """
 from __future__ import annotations
 

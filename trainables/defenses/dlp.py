@@ -48,7 +48,13 @@ What the paper leaves open, and what this implementation chose
   target label, AU also lowers the target class as a whole (its clean test accuracy falls, and
   ASSFT does not fully restore it). On a clean-label attack such as SIG, D'_p is made of real
   target-class images, and ASSFT's pseudo-labelled unlabelled term can teach the backdoor again.
-  BatchNorm stays in training mode (as in ABL's unlearning).
+* **AU BatchNorm** (``au_bn``; the paper says nothing): ``train`` (default, as in ABL's
+  unlearning) lets the D'_p-only batches set the running statistics; ``eval`` leaves the SL
+  model's alone; ``recalibrate`` recomputes them on the rest of the training set after AU.
+  Measured on CIFAR-10: docs/measurements.md.
+* **ASSFT's unlabelled set** (``assft_unlabelled``): the paper's is every image outside D'_c,
+  D'_p included ("D_o − D'_c"); ``without_dp`` also leaves D'_p out, for clean-label attacks
+  (SIG), where D'_p's pseudo-labels are its true labels and re-teach the trigger.
 * **AU augmentation** (``au_augment``): crop + flip, as in SL. The un-augmented poisoned images
   start at a CE close to 0, so an ascent on them starts slowly, then runs away.
 * **Schedules, weight decay, augmentation**: SL and AU use a constant lr (the paper names no

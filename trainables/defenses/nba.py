@@ -139,8 +139,9 @@ class Params:
     lr_gamma: float = param(0.1, "lr factor at lr_drop_epoch (NAD: 0.1 -> 0.01)", low=0.0, high=1.0)
     warmup_epochs: int = param(0, "linear lr warm-up epochs before the initial lr (paper: none)", low=0)
     batch_size: int = param(64, "batch size of teacher and student (paper: 64)", low=1)
-    max_grad_norm: float | None = param(None, "clip the student's gradient norm at this value (not in the "
-                                              "paper: None = off); see the module docstring", low=1e-6)
+    max_grad_norm: float | None = param(5.0, "clip the student's global gradient norm at this value (not in "
+                                             "the paper, which has no clip: None = off); see the module docstring",
+                                        low=1e-6)
     momentum: float = param(0.9, "SGD momentum (paper: 0.9)", low=0.0, high=1.0)
     weight_decay: float = param(1e-4, "SGD weight decay (NAD's setting: 1e-4)", low=0.0)
     # -- ablations (Tables 3-5, Figs. 8-9) --------------------------------------------------
