@@ -101,3 +101,23 @@ def test_concurrent_requests_build_once(tmp_path, monkeypatch):
     assert len(arrived) == 4
     assert len(calls) == 1
     assert sorted(built for _, built in results) == [False, False, False, True]
+
+
+def test_per_epoch_evaluator_draws_its_triggered_subset_from_every_class():
+    """The triggered test set comes in class order; the per-epoch subset is a seeded random draw
+    of it (the first rows would measure the ASR on one class), the same draw for the same seed."""
+    import torch
+
+    from trainables.data import load_dataset
+    from trainables.data.base import ImageSet
+    from trainables.engine import pick_runtime
+    from trainables.stages import Evaluator
+
+    data = load_dataset("synthetic:100:1000")
+    labels = torch.arange(9).repeat_interleave(100) + 1                   # 900 images, classes 1..9 in order
+    triggered = ImageSet(torch.zeros(900, 3, 32, 32, dtype=torch.uint8), labels)
+    ev = Evaluator(data, triggered, 0, pick_runtime("cpu"), subset=100, seed=0)
+    assert len(ev.test) == 100 and len(ev.triggered) == 90
+    assert len(set(ev.triggered.y.tolist())) >= 7
+    again = Evaluator(data, triggered, 0, pick_runtime("cpu"), subset=100, seed=0)
+    assert torch.equal(again.triggered.y, ev.triggered.y)

@@ -145,8 +145,11 @@ class Evaluator:
             pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:subset].sort().values
             test = test.subset(pick)
             if triggered is not None:
-                n = max(1, round(subset * len(triggered) / len(dataset.test)))
-                triggered = triggered.subset(torch.arange(min(n, len(triggered))))
+                # a seeded random draw too: the triggered set is in class order, so its first rows
+                # would measure the ASR on one or two classes only
+                n = min(len(triggered), max(1, round(subset * len(triggered) / len(dataset.test))))
+                rows = torch.randperm(len(triggered), generator=torch.Generator().manual_seed(seed + 1))[:n]
+                triggered = triggered.subset(rows.sort().values)
         self.test, self.triggered, self.target, self.rt = test, triggered, target, rt
 
     def __call__(self, model) -> dict:
