@@ -81,10 +81,12 @@ What the paper leaves open, and what this implementation chose
   the initial lr for 2 epochs, then ×0.1; weight decay 1e-4 and crop + flip augmentation of the
   clean subset as in NAD; 20 epochs. The initial lr is 0.02, not 0.1: on the CIFAR-10 BadNets
   model the first epoch at 0.1 takes BA from 80.8 to 36-40%, and 2,500 images bring it back only
-  to 74 (the lr-0.1 epoch removes the backdoor and the features with it; a 1-epoch warm-up or an
-  earlier drop do not change this, docs/measurements.md). With T² and the teacher below, lr 0.01
-  / 0.02 / 0.03 end at 78.53/13.20, 77.97/5.29 and 77.43/5.01: 0.02 is the lowest lr that
-  removes the backdoor (ASR ≤ 10%). ``warmup_epochs`` (linear, default 0) is there to measure.
+  to 74 (the lr-0.1 epoch removes the backdoor and the features with it; a 1-epoch warm-up ends
+  at 72.15, a drop after one epoch at 75.08 with ASR 11.50; docs/measurements.md). With T² and
+  the teacher below, lr 0.01 / 0.02 / 0.03 end at 78.53/13.20, 77.97/5.29 and 77.43/5.01: 0.02 is the lowest lr that
+  removes the backdoor (ASR ≤ 10%); with the defaults below BadNets ends at 78.65/8.29 (Blend
+  71.57 → 71.31, ASR 1.73; SIG's backdoor stays at 32%). ``warmup_epochs`` (linear, default 0)
+  is there to measure.
 * **Teacher** (the paper, Sec. "Overview": "fine-tunes the given network using a local clean
   dataset"): 10 epochs at a constant lr 0.001 (NAD's teacher uses 0.01), batch 64, momentum 0.9
   (nesterov, as NAD), weight decay 1e-4, crop + flip (``_common.make_teacher``, the fine-tune
