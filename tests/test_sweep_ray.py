@@ -68,11 +68,12 @@ def test_reduced_quickstart_sweep_tracks_everything_and_a_failing_trial_fails_al
     from sweep.report import make_report
     from sweep.runner import run_sweep
 
-    # NBA searches lr in [0.05, 0.1] (paper default 0.1 first); a test plugin's trial hook makes
-    # the first trial with lr < 0.1 raise
+    # NBA searches lr in [0.05, 0.1], the paper's 0.1 first (NBA's default is 0.02); a test
+    # plugin's trial hook makes the first trial with lr < 0.1 raise
     _use_plugin(monkeypatch, "sweep_fail_low_lr_once")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_preset("quickstart", TINY + ["search.num_samples=3", "defenses.nba.space.lr=[0.05, 0.1]",
+    cfg = load_preset("quickstart", TINY + ["search.num_samples=3",
+                                            "defenses.nba.space.lr={low: 0.05, high: 0.1, default: 0.1}",
                                             "defenses.ft.num_samples=1", "search.max_concurrent=2"])
     res = run_sweep(cfg, workdir=tmp_path, progress=lambda m: None)
     assert res.status == "FINISHED"
