@@ -106,8 +106,14 @@ def stage_end(history: list[dict], stage: str) -> dict:
     return [e for e in history if e["stage"] == stage][-1]
 
 
+# The setting these synthetic-set tests were sized and measured at: D'_c of n·γ/C per class and
+# FixMatch's τ 0.95. At γ 5% of 2,000 images the default D'_c (n·γ per class) would label half the
+# set; the default itself is tested on its own below.
+SYNTHETIC_DLP = {"clean_per_class": "split", "tau": 0.95}
+
+
 def dlp(**overrides) -> DLP:
-    return DLP(make_params(DLPParams, overrides))
+    return DLP(make_params(DLPParams, {**SYNTHETIC_DLP, **overrides}))
 
 
 def abl(**overrides) -> ABL:
@@ -205,6 +211,10 @@ def test_entropy_in_bits_and_split_sizes():
     labels = torch.tensor([0, 0] + [1] * 18)
     poisoned, clean = split_by_entropy(entropy, labels, 0.1, 2)
     assert poisoned.tolist() == [0, 1] and clean.tolist() == [19]
+    # the literal reading: n·γ = 2 highest per class
+    labels = torch.tensor([0, 1] * 10)
+    poisoned, clean = split_by_entropy(entropy, labels, 0.1, 2, "each")
+    assert poisoned.tolist() == [0, 1] and clean.tolist() == [16, 17, 18, 19]
 
 
 def test_dlp_filter_finds_poisoned_samples(badnets):
@@ -288,6 +298,21 @@ def test_unlearning_batchnorm_modes(badnets, bn):
         again.load_state_dict(model.state_dict())
         recalibrate_bn(again, rest_x)
         assert torch.allclose(bn_state(again), after, atol=1e-5)
+
+
+def test_dlp_default_labelled_set_is_n_gamma_per_class(badnets):
+    """The defaults (the paper's filter text read literally): D'_c holds the n·γ highest-entropy
+    images of each class, D'_p the n·γ lowest-entropy images; FixMatch's threshold is 0.8."""
+    assert DLPParams().clean_per_class == "each" and DLPParams().tau == 0.8
+    small = torch.arange(200)
+    ctx = context(badnets, badnets["poisoned"].subset(small), badnets["index"][badnets["index"] < 200],
+                  evaluate=False)
+    DLP(make_params(DLPParams, {"stages": "sl-au", "gamma": 0.05, "sl_epochs": 1, "au_epochs": 0,
+                                "batch_size": 16})).run(ctx)
+    entry = stage_end(ctx.history, "filter")
+    print(entry)
+    # 200 images, γ 5%: D'_p = 10, D'_c = 10 per class
+    assert entry["filtered_poisoned"] == 10 and entry["filtered_clean"] == 100
 
 
 def test_dlp_assft_unlabelled_set_with_and_without_d_p(badnets, monkeypatch):
