@@ -68,7 +68,7 @@ def test_reduced_quickstart_sweep_tracks_everything_and_a_failing_trial_fails_al
     from sweep.report import make_report
     from sweep.runner import run_sweep
 
-    # NBA searches lr in [0.05, 0.1], the paper's 0.1 first (NBA's default is 0.02); a test
+    # NBA searches lr in [0.05, 0.1], the paper's 0.1 first (NBA's default is 0.03); a test
     # plugin's trial hook makes the first trial with lr < 0.1 raise
     _use_plugin(monkeypatch, "sweep_fail_low_lr_once")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
