@@ -201,20 +201,18 @@ def test_strong_augmentation_on_cuda_matches_contract(synthetic):
 def test_entropy_in_bits_and_split_sizes():
     assert entropy_bits(torch.zeros(1, 4)).item() == pytest.approx(2.0)          # uniform over 4: 2 bits
     assert entropy_bits(torch.tensor([[50.0, 0.0, 0.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-6)
-    # n = 20, C = 2, gamma = 0.1 -> |D'_p| = 2 lowest overall, |D'_c| = 1 highest per class
+    # n = 20, C = 2, gamma = 0.1 -> |D'_p| = 2 lowest overall; |D'_c| = n·γ = 2 highest per class
+    # (the default, the paper's text read literally), or n·γ/C = 1 per class ("split")
     entropy = torch.arange(20, dtype=torch.float32)
     labels = torch.tensor([0, 1] * 10)
     poisoned, clean = split_by_entropy(entropy, labels, 0.1, 2)
-    assert poisoned.tolist() == [0, 1]
-    assert clean.tolist() == [18, 19]
+    assert poisoned.tolist() == [0, 1] and clean.tolist() == [16, 17, 18, 19]
+    poisoned, clean = split_by_entropy(entropy, labels, 0.1, 2, "split")
+    assert poisoned.tolist() == [0, 1] and clean.tolist() == [18, 19]
     # a class whose samples all sit in D'_p gets none in D'_c (the sets never overlap)
     labels = torch.tensor([0, 0] + [1] * 18)
-    poisoned, clean = split_by_entropy(entropy, labels, 0.1, 2)
+    poisoned, clean = split_by_entropy(entropy, labels, 0.1, 2, "split")
     assert poisoned.tolist() == [0, 1] and clean.tolist() == [19]
-    # the literal reading: n·γ = 2 highest per class
-    labels = torch.tensor([0, 1] * 10)
-    poisoned, clean = split_by_entropy(entropy, labels, 0.1, 2, "each")
-    assert poisoned.tolist() == [0, 1] and clean.tolist() == [16, 17, 18, 19]
 
 
 def test_dlp_filter_finds_poisoned_samples(badnets):
