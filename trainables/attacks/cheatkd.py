@@ -74,6 +74,10 @@ What the paper leaves open, and what this implementation chose:
 * Poison rate: the paper gives none; 10% (the BadNets/Blend default here, NBA Table 1's rate).
 * The student defaults to WRN-16-1 (this project's victim; the paper's pair is WRN-28-4 ->
   WRN-16-4, which a preset sets with ``model`` and ``student_model``).
+* Distillation budget, measured on CIFAR-10 (docs/measurements.md; 4-epoch teacher stages, 50
+  trigger epochs, WRN-16-1 → WRN-16-1, overhaul KD): the student's ASR grows with the budget,
+  12.9% after 4 epochs and 33.1% after 20 (BA 82.00), while a student distilled the same way
+  from a BadNets teacher stays at 1.8% and 2.0%.
 """
 from __future__ import annotations
 
