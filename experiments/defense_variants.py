@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainables.checkpoint import PhaseCheckpoints, checkpointing  # noqa: E402
 from trainables.engine import pick_runtime  # noqa: E402
+from trainables.params import ParamError  # noqa: E402
 from trainables.stages import defend, load_attack_artifact, resolve_defense  # noqa: E402
 from trainables.storage import open_storage  # noqa: E402
 
@@ -57,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "metrics.json").exists():
         print(f"skip {out}: finished")
         return 0
-    dspec = resolve_defense(args.defense, params, clean, seed)       # bad parameters fail here
+    try:
+        dspec = resolve_defense(args.defense, params, clean, seed)
+    except ParamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     shared.mkdir(parents=True, exist_ok=True)
     ckpt.mkdir(parents=True, exist_ok=True)
     copy_phases(shared, ckpt, args.shared)
