@@ -308,7 +308,6 @@ def test_dlp_default_labelled_set_is_n_gamma_per_class(badnets):
     DLP(make_params(DLPParams, {"stages": "sl-au", "gamma": 0.05, "sl_epochs": 1, "au_epochs": 0,
                                 "batch_size": 16})).run(ctx)
     entry = stage_end(ctx.history, "filter")
-    print(entry)
     # 200 images, γ 5%: D'_p = 10, D'_c = 10 per class
     assert entry["filtered_poisoned"] == 10 and entry["filtered_clean"] == 100
 

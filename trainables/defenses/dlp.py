@@ -178,7 +178,8 @@ def split_by_entropy(entropy: torch.Tensor, labels: torch.Tensor, gamma: float, 
     entropy, labels = entropy.cpu(), labels.cpu()
     n = len(entropy)
     k_p = min(n, max(1, round(n * gamma)))
-    k_c = max(1, round(n * gamma / (num_classes if clean_per_class == "split" else 1)))
+    per_class = n * gamma if clean_per_class == "each" else n * gamma / num_classes
+    k_c = max(1, round(per_class))
     poisoned = entropy.argsort()[:k_p]
     candidate = torch.ones(n, dtype=torch.bool)
     candidate[poisoned] = False
