@@ -30,10 +30,15 @@ class AttackEntry:
     params: tuple[tuple[str, Any], ...]     # the preset's fixed overrides (paper defaults for the rest)
     space: tuple[Dist, ...] = ()             # searched parameters (attack sweeps only)
     num_samples: int = 1                     # trials of this attack (attack sweeps)
+    train: tuple[tuple[str, Any], ...] = ()  # its stage's SGDConfig fields: budget.attack + its own budget
 
     @property
     def params_dict(self) -> dict[str, Any]:
         return thaw(self.params)
+
+    @property
+    def train_dict(self) -> dict[str, Any]:
+        return thaw(self.train)
 
     @property
     def searched(self) -> bool:
@@ -123,7 +128,7 @@ class SweepConfig:
     model: str
     seed: int
     clean_fraction: float
-    attack_train: tuple[tuple[str, Any], ...]
+    attack_train: tuple[tuple[str, Any], ...]   # budget.attack (each AttackEntry.train adds its own budget)
     defense_epochs: int | None
     epoch_eval_size: int
     attacks: tuple[AttackEntry, ...]
@@ -138,10 +143,7 @@ class SweepConfig:
     storage: StorageConfig
     overrides: tuple[str, ...]
     raw: str                                 # the normalised preset as JSON (see ``to_dict``)
-
-    @property
-    def attack_train_dict(self) -> dict[str, Any]:
-        return thaw(self.attack_train)
+    profile: str | None = None               # the preset's profile applied (``profiles``), if any
 
     def to_dict(self) -> dict[str, Any]:
         """The normalised preset (defaults filled in): loading it back gives this config."""
@@ -153,6 +155,8 @@ class SweepConfig:
         resume matches on it."""
         d = self.to_dict()
         d.pop("description", None)
+        if d.get("profile") is None:
+            d.pop("profile", None)           # absent before profiles existed: older sweeps resume
         d.pop("storage", None)
         d.pop("checkpoint_every", None)      # how often state is saved changes no result
         d.get("search", {}).pop("max_tuners", None)     # nor how many Tuners run at once

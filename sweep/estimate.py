@@ -20,6 +20,8 @@ How the cost is computed (a rough, stated model, not a measurement):
 """
 from __future__ import annotations
 
+import functools
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,22 @@ def dataset_sizes(name: str) -> tuple[int, int] | None:
         n_train = int(parts[0]) if parts else 3000
         n_test = int(parts[1]) if len(parts) > 1 else 1000
         return n_train, n_test
+    if kind == "imagefolder" and arg:
+        return _imagefolder_sizes(arg)
     return {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "gtsrb": (26640, 12630)}.get(kind)
+
+
+@functools.lru_cache(maxsize=8)
+def _imagefolder_sizes(path: str) -> tuple[int, int] | None:
+    """Its train and test image counts (the files are listed, not read); None if it cannot be read."""
+    from trainables.data import DataError
+    from trainables.data.imagefolder import scan
+
+    try:
+        _, _, files = scan(path)
+    except DataError:
+        return None
+    return len(files["train"]), len(files["test"])
 
 
 def forward_flops(model: str, num_classes: int = 10) -> float:
@@ -93,7 +110,7 @@ def count_images(cfg: SweepConfig, plan: Plan) -> Images:
         n_train, n_test = sizes
         if cfg.kind == "attack":       # each trial trains its own attack stage
             cls = registry.get_attack(p.attack)
-            per = n_train * cfg.attack_train_dict.get("epochs", 100) \
+            per = n_train * cfg.attack(p.attack).train_dict.get("epochs", 100) \
                 + cls.extra_passes(make_params(cls.Params, p.default_params()), n_train)
             out.trials += per * p.num_samples
             out.evals += p.num_samples * 4 * n_test
@@ -121,7 +138,7 @@ def trial_images(cfg: SweepConfig, pair, sizes: tuple[int, int]) -> float:
     n_train, n_test = sizes
     if cfg.kind == "attack":
         cls = registry.get_attack(pair.attack)
-        return n_train * cfg.attack_train_dict.get("epochs", 100) \
+        return n_train * cfg.attack(pair.attack).train_dict.get("epochs", 100) \
             + cls.extra_passes(make_params(cls.Params, pair.default_params()), n_train) + 4 * n_test / 3
     cost = _defense_cost(cfg, pair, n_train)
     return cost.passes + (cost.logged_epochs * 2 * min(cfg.epoch_eval_size, n_test) + 4 * n_test) / 3

@@ -149,7 +149,7 @@ def _attack_stage_settings(ctx: SweepContext, attack: str) -> AttackStageSetting
     if ctx.cfg.kind != "attack":
         return None
     return AttackStageSettings(dataset=ctx.cfg.attack(attack).dataset, model=ctx.cfg.model,
-                               train=ctx.cfg.attack_train)
+                               train=ctx.cfg.attack(attack).train)
 
 
 def _one_line(e: BaseException) -> str:

@@ -67,8 +67,8 @@ def make_plan(cfg: SweepConfig) -> Plan:
 
     stages: dict[str, StagePlan] = {}
     pairs = []
-    train = cfg.attack_train_dict
     for a in cfg.attacks:
+        train = a.train_dict
         if cfg.kind == "defense":
             spec = resolve_attack_stage(a.dataset, cfg.model, a.name, a.params_dict or None, train, cfg.seed)
             if a.name != "none" and getattr(registry.get_attack(a.name), "needs_clean_model", False):

@@ -12,6 +12,11 @@ budget, the search and selection settings. The first problem found stops it with
 Preset fields (defaults in brackets; ``sweep.schema.DEFAULTS``)::
 
     description: free text
+    profile: null                      a profile of this preset to apply (``--set profile=cpu``)
+    profiles:                          name -> preset fields laid over the preset when selected
+      cpu: {budget: {attack: {epochs: 4}}, attacks: {badnets: {budget: {epochs: 12}}}}
+                                       (mappings merge key by key, down to one method's entry;
+                                       null removes a method; lists and scalars replace)
     kind: defense | attack            [defense] what the trials search: defense or attack parameters
     dataset: cifar10 | cifar100 | gtsrb | synthetic[:n_train:n_test] | imagefolder:<path>  [cifar10]
     data_root: folder of downloaded/ImageFolder data    [null = the loaders' default]
@@ -25,7 +30,9 @@ Preset fields (defaults in brackets; ``sweep.schema.DEFAULTS``)::
       epoch_eval_size: 2000            test images measured after every epoch (the final metrics
                                        always use the whole test set)
     attacks:                           a list of names, or name -> {params: {...}, dataset: ...,
-      badnets: {params: {poison_rate: 0.1}}          space: {...} (attack sweeps only)}
+      badnets: {params: {poison_rate: 0.1}}          budget: {...} (SGDConfig fields over
+                                                     budget.attack for this attack's stage),
+                                                     space: {...} (attack sweeps only)}
     defenses:                          a list of names, or name -> {params: {...}, space: {...},
       nba: {space: {lambda1: [0.5, 5], epochs: 10}}  num_samples: n}. narrow: [low, high] /
       fp: {num_samples: 1}                           {low, high, default}; pin: a scalar;
@@ -117,12 +124,23 @@ def load_preset(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
     if not isinstance(raw, dict):
         raise ConfigError(f"preset {path}: expected a mapping of fields, got {type(raw).__name__}")
     raw.pop("name", None)
-    schema.check_keys(raw, (), f"preset {path.name}")
+    where = f"preset {path.name}"
+    profiles = schema.check_profiles(raw.pop("profiles", None), where)
+    schema.check_keys(raw, (), where)
     raw = schema.normalise(raw)
-    for item in overrides:
-        raw = schema.normalise(schema.apply_override(raw, item))
+    chosen = _with_overrides(raw, overrides).get("profile")
+    resolved = not profiles and chosen == raw.get("profile")    # a printed config records its profile
+    if chosen is not None and not resolved:     # the profile first, the overrides over it
+        raw = schema.apply_profile({**raw, "profile": chosen}, profiles, where)
+    raw = _with_overrides(raw, overrides)
     d = absolute_paths(schema.merge(schema.DEFAULTS, raw), Path.cwd())
     return build_config(path.stem, str(path), d, tuple(overrides))
+
+
+def _with_overrides(raw: dict, overrides) -> dict:
+    for item in overrides:
+        raw = schema.normalise(schema.apply_override(raw, item))
+    return raw
 
 
 def absolute_paths(d: dict, cwd: str | Path) -> dict:
@@ -177,7 +195,8 @@ def build_config(name: str, source: str, d: dict, overrides: tuple[str, ...]) ->
         max_failures=typed("max_failures", d["max_failures"], int, low=-1),
         checkpoint_every=typed("checkpoint_every", d["checkpoint_every"], int, low=1),
         paper_table=_paper_table(d["paper_table"], kind), selection=selection, ray=_ray(d["ray"]),
-        storage=_storage(d["storage"]), overrides=overrides, raw=json.dumps(d))
+        storage=_storage(d["storage"]), overrides=overrides, raw=json.dumps(d),
+        profile=typed("profile", d["profile"], str, optional=True))
 
 
 def _search(s: dict, kind: str) -> SearchConfig:
@@ -308,6 +327,7 @@ def _first_trial(params: dict, space: tuple[Dist, ...]) -> dict:
 
 def _attacks(entries: dict, kind: str, dataset: str, model: str, train: dict, seed: int,
              num_samples: int) -> tuple[AttackEntry, ...]:
+    from trainables.engine import SGDConfig
     from trainables.stages import resolve_attack_stage
 
     if not entries:
@@ -329,12 +349,14 @@ def _attacks(entries: dict, kind: str, dataset: str, model: str, train: dict, se
             space = _split_space(resolve_space(name, cls, entry["space"], params, where), params)
         if cls is not None:
             checked_params(cls.Params, _first_trial(params, space), f"{where}.params: ")
+        a_train = {**train, **entry.get("budget", {})}
+        checked_params(SGDConfig, a_train, f"{where}.budget: ")
         try:
-            resolve_attack_stage(a_dataset, model, name, params or None, train, seed)
+            resolve_attack_stage(a_dataset, model, name, params or None, a_train, seed)
         except (ParamError, ValueError) as e:
             raise ConfigError(_stage_error_key(str(e), where, bool(entry.get("dataset")))) from None
         n = typed(f"{where}.num_samples", entry.get("num_samples"), int, low=1, optional=True) or num_samples
-        out.append(AttackEntry(name, a_dataset, freeze(params), space, n if space else 1))
+        out.append(AttackEntry(name, a_dataset, freeze(params), space, n if space else 1, freeze(a_train)))
     return tuple(out)
 
 

@@ -46,6 +46,16 @@ class Report:
         return "\n".join(lines)
 
 
+def stage_budgets(cfg) -> str:
+    """Each attack's stage budget in epochs, grouped: "badnets 12 epochs; blend and sig 4 epochs"."""
+    groups: dict[object, list[str]] = {}
+    for a in cfg.attacks:
+        groups.setdefault(a.train_dict.get("epochs", "default"), []).append(a.name)
+    def listed(names: list[str]) -> str:
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return "; ".join(f"{listed(names)} {epochs} epochs" for epochs, names in groups.items())
+
+
 def make_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tracking_uri: str | None = None,
                 experiment: str | None = None, progress: Callable[[str], None] = print) -> Report:
     """Select the best configs and write the report of a sweep (a sweep id, or a preset's newest)."""
@@ -69,8 +79,11 @@ def make_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tra
     files += plot_pareto(cfg, runs, best, out)
     files += plot_curves(cfg, runs, best, tracker, out)
     header = [f"# Sweep {state.sweep_id}", "",
-              f"preset `{cfg.name}` · dataset `{cfg.dataset}` · model `{cfg.model}` · seed {cfg.seed} · "
+              f"preset `{cfg.name}`" + (f" (profile `{cfg.profile}`)" if cfg.profile else "")
+              + f" · dataset `{cfg.dataset}` · model `{cfg.model}` · seed {cfg.seed} · "
               f"MLflow experiment `{tracker.experiment_name}` run `{state.data.get('parent_run_id')}`", "",
+              f"Attack stages: {stage_budgets(cfg)}; clean data for the defenses: "
+              f"{100 * cfg.clean_fraction:g}% of the training set.", "",
               f"Selection rule: {describe_rule(cfg.selection)}.", ""]
     counts = runs[runs["ray_trial_id"] != ""]["status"].value_counts().to_dict() if not runs.empty else {}
     header.append("Trials: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none") + ".")

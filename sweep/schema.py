@@ -14,6 +14,7 @@ from sweep.validate import method_class
 
 DEFAULTS: dict[str, Any] = {
     "description": "",
+    "profile": None,
     "kind": "defense",
     "dataset": "cifar10",
     "data_root": None,
@@ -38,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # per-method entry of ``attacks`` / ``defenses``
-_ATTACK_ENTRY = {"params": {}, "space": {}, "dataset": None, "num_samples": None}
+_ATTACK_ENTRY = {"params": {}, "space": {}, "dataset": None, "num_samples": None, "budget": {}}
 _DEFENSE_ENTRY = {"params": {}, "space": {}, "num_samples": None}
 ANY = object()          # a mapping whose keys are checked later (method params, SGD fields, metrics)
 
@@ -53,7 +54,7 @@ def schema_children(path: tuple[str, ...]) -> Any:
             return ANY                          # method names, checked against the registry
         if len(path) == 2:
             return _ATTACK_ENTRY if head == "attacks" else _DEFENSE_ENTRY
-        if path[2] in ("params", "space") and len(path) == 3:
+        if path[2] in ("params", "space", "budget") and len(path) == 3:
             return ANY
         if path[2] == "space" and len(path) == 4:
             return {"low": None, "high": None, "log": None, "choices": None, "default": None}
@@ -158,6 +159,11 @@ def normalise(raw: dict) -> dict:
                     entry = {**entry, sub: {}}
                 elif not isinstance(entry[sub], dict):
                     raise ConfigError(f"{section}.{name}.{sub}: expected a mapping, got {entry[sub]!r}")
+            if "budget" in entry and not entry["budget"]:
+                entry = {k: v for k, v in entry.items() if k != "budget"}      # absent = budget.attack's
+            elif "budget" in entry and not isinstance(entry["budget"], dict):
+                raise ConfigError(f"{section}.{name}.budget: expected a mapping of training settings, "
+                                  f"got {entry['budget']!r}")
             out[str(name)] = entry
         raw[section] = out
     return raw
@@ -175,3 +181,53 @@ def merge(defaults: dict, raw: dict, path: tuple[str, ...] = ()) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def check_profiles(profiles: Any, where: str) -> dict:
+    """A preset's ``profiles``: name -> a mapping of preset fields (checked like the preset's own)."""
+    if profiles is None:
+        return {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{where}: profiles: expected a mapping name -> preset fields, got {profiles!r}")
+    for name, body in profiles.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: profiles.{name}: expected a mapping of preset fields, got {body!r}")
+        if "profile" in body or "profiles" in body:
+            raise ConfigError(f"{where}: profiles.{name}: a profile cannot name or hold profiles")
+        check_keys(body, (), f"{where}, profiles.{name}")
+    return profiles
+
+
+def apply_profile(raw: dict, profiles: dict, where: str) -> dict:
+    """The preset with its selected profile (``profile: NAME``) laid over it. Mappings merge key by
+    key, down to one attack's or defense's entry (``attacks: {badnets: {budget: {epochs: 12}}}``
+    changes BadNets' budget alone; ``null`` removes a method); lists and scalars replace, so
+    ``attacks: [badnets, sig]`` replaces the preset's attacks."""
+    name = raw.get("profile")
+    if name is None:
+        return raw
+    if name not in profiles:
+        known = ", ".join(map(str, profiles)) or "none"
+        raise ConfigError(f"profile={name!r}: {where} has no such profile (its profiles: {known})")
+    out = copy.deepcopy(raw)
+    for k, v in profiles[name].items():
+        if k in ("attacks", "defenses") and isinstance(v, dict):
+            section = dict(out.get(k) or {})
+            for method, entry in v.items():
+                if entry is None:
+                    section.pop(method, None)
+                else:
+                    section[method] = _deep_merge(section.get(method) or {}, entry)
+            out[k] = section
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return normalise(out)

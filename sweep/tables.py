@@ -26,6 +26,17 @@ def _theirs(paper: dict | None, cell: tuple[str, ...]) -> str:
     return " / ".join(f"{paper[m]:.2f}" if m in paper else "—" for m in cell)
 
 
+def _diff(metrics: dict, paper: dict | None, cell: tuple[str, ...]) -> str:
+    """Ours minus the paper's, in points, per metric of the cell ("" when nothing to compare)."""
+    if not paper:
+        return ""
+    out = []
+    for m in cell:
+        ours = number(metrics.get(m))
+        out.append("—" if ours is None or m not in paper else f"{100 * ours - paper[m]:+.2f}")
+    return "" if all(d == "—" for d in out) else "; " + " / ".join(out)
+
+
 def no_defense_metrics(runs, attack: str) -> dict:
     """The attack stage's own metrics (the backdoored model before any defense)."""
     rows = runs[(runs["role"] == "attack") & (runs["attack"] == attack) & (runs["ray_trial_id"] == "")]
@@ -67,19 +78,23 @@ def tables_markdown(cfg, runs, best) -> tuple[str, dict]:
         p = paper(a, NO_DEFENSE) or {}
         m = no_defense_metrics(runs, a)
         long_rows.append({"attack": a, "defense": NO_DEFENSE, "config": "-", "asr": number(m.get("asr")),
-                          "ba": number(m.get("ba")), "paper_asr": p.get("asr"), "paper_ba": p.get("ba"), "run_id": ""})
+                          "ba": number(m.get("ba")), "ra": number(m.get("ra")), "paper_asr": p.get("asr"),
+                          "paper_ba": p.get("ba"), "run_id": ""})
         for d in cfg.defenses:
             p = paper(a, d.name) or {}
             for kind, _ in kinds:
                 e = (best["defenses"][d.name]["per_attack"][a] or {}).get(kind) or {}
                 m = e.get("metrics", {})
                 long_rows.append({"attack": a, "defense": d.name, "config": kind, "asr": m.get("asr"),
-                                  "ba": m.get("ba"), "paper_asr": p.get("asr"), "paper_ba": p.get("ba"),
-                                  "run_id": e.get("run_id", "")})
+                                  "ba": m.get("ba"), "ra": m.get("ra"), "paper_asr": p.get("asr"),
+                                  "paper_ba": p.get("ba"), "run_id": e.get("run_id", "")})
     long = pd.DataFrame(long_rows)
+    for m in ("asr", "ba"):        # ours minus the paper's, in points
+        long[f"diff_{m}"] = [None if ours is None or theirs is None or theirs != theirs else round(100 * ours - theirs, 2)
+                             for ours, theirs in zip(long[m].map(number), long[f"paper_{m}"])]
     title = table.title if table else "this sweep"
     md = [f"\n## Results in the layout of {title}\n",
-          f"Cells: {unit} in %, ours, then the paper's in brackets "
+          f"Cells: {unit} in %, ours, then in brackets the paper's and ours minus the paper's in points "
           f"({f'{table.title}: {table.setting}' if table else 'no paper table chosen'}; this sweep: "
           f"{cfg.dataset}, {cfg.model}). \"none\" = the backdoored model before any defense.\n"]
     tables = {"results_long": long}
@@ -87,7 +102,8 @@ def tables_markdown(cfg, runs, best) -> tuple[str, dict]:
         def both(a, dname):
             sel = long[(long["attack"] == a) & (long["defense"] == dname)]
             r = sel.iloc[0] if dname == NO_DEFENSE else sel[sel["config"] == kind].iloc[0]
-            return f"{_ours({'asr': r['asr'], 'ba': r['ba']}, cell)} ({_theirs(paper(a, dname), cell)})"
+            ours = {'asr': r['asr'], 'ba': r['ba']}
+            return f"{_ours(ours, cell)} ({_theirs(paper(a, dname), cell)}{_diff(ours, paper(a, dname), cell)})"
 
         names = ["no defense" if x == NO_DEFENSE else x.upper() for x in defenses]
         if table is None or table.rows == "attacks":

@@ -34,7 +34,7 @@ def test_presets_carry_the_papers_settings():
     assert nba.search.num_samples >= 50 and 0 < nba.resources.gpus < 1    # fractional GPU per trial
 
     t2 = load_preset("nba_table2")
-    assert [d.name for d in t2.defenses] == ["ft", "fp", "mcr", "nad", "argd", "nba"]
+    assert [d.name for d in t2.defenses] == ["ft", "fp", "mcr", "nad", "argd", "anp", "nba"]
     assert t2.search.num_samples == 1 and t2.attack("refool").dataset == "gtsrb"
     assert all(p.num_samples == 1 and not p.searched for p in make_plan(t2).pairs)   # paper defaults only
 
@@ -155,6 +155,86 @@ def test_printed_config_loads_back_to_the_same_config(tmp_path):
     assert yaml.safe_load(text)["search"]["num_samples"] == 5
 
 
+PROFILED = """\
+description: a preset with a reduced profile
+dataset: synthetic
+budget: {attack: {epochs: 6, lr: 0.05}}
+attacks: [badnets, blend, sig]
+defenses: {ft: {}, nad: {params: {epochs: 8}}}
+search: {num_samples: 1}
+profiles:
+  small:
+    budget: {attack: {epochs: 2}}
+    attacks: {badnets: {budget: {epochs: 3}}, sig: null}
+    defenses: {nad: {params: {teacher_epochs: 2}}}
+    resources: {cpus: 1}
+"""
+
+
+def test_a_profile_lays_its_budgets_over_the_preset(tmp_path):
+    p = tmp_path / "profiled.yaml"
+    p.write_text(PROFILED)
+    plain_cfg = load_preset(p)
+    assert plain_cfg.profile is None and [a.name for a in plain_cfg.attacks] == ["badnets", "blend", "sig"]
+    assert {a.name: a.train_dict["epochs"] for a in plain_cfg.attacks} == {"badnets": 6, "blend": 6, "sig": 6}
+    cfg = load_preset(p, ["profile=small"])
+    assert cfg.profile == "small"
+    # mappings merge key by key: budget.attack keeps its lr, one attack gets its own epochs,
+    # null drops sig, NAD's params gain teacher_epochs and keep epochs
+    assert [a.name for a in cfg.attacks] == ["badnets", "blend"]
+    assert {a.name: (a.train_dict["epochs"], a.train_dict["lr"]) for a in cfg.attacks} == \
+        {"badnets": (3, 0.05), "blend": (2, 0.05)}
+    assert cfg.defense("nad").params_dict == {"epochs": 8, "teacher_epochs": 2}
+    assert cfg.resources.cpus == 1
+    # the budget reaches the attack stage: its own epochs, its own hash
+    stages = {s.attack: s for s in make_plan(cfg).stages}
+    assert stages["badnets"].spec.train["epochs"] == 3 and stages["blend"].spec.train["epochs"] == 2
+    assert make_plan(plain_cfg).stage_for("badnets").hash != stages["badnets"].hash
+    # --set overrides win over the profile, whichever comes first on the command line
+    for order in (["attacks.badnets.budget.epochs=5", "profile=small"], ["profile=small", "attacks.badnets.budget.epochs=5"]):
+        assert load_preset(p, order).attack("badnets").train_dict["epochs"] == 5
+    # the printed config is resolved (no profiles left) and loads back to the same config
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(format_config(cfg))
+    assert "profiles" not in yaml.safe_load(printed.read_text())
+    again = load_preset(printed)
+    assert again.to_dict() == cfg.to_dict() and again.attacks == cfg.attacks and again.profile == "small"
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    (PROFILED, ["profile=big"], r"profile='big': preset profiled.yaml has no such profile \(its profiles: small\)"),
+    ("dataset: synthetic\nattacks: [badnets]\ndefenses: [ft]\n", ["profile=cpu"],
+     r"profile='cpu': preset profiled.yaml has no such profile \(its profiles: none\)"),
+    (PROFILED.replace("resources: {cpus: 1}", "resources: {cpu: 1}"), [],
+     r"profiled.yaml, profiles.small: unknown key 'resources.cpu'"),
+    (PROFILED.replace("budget: {epochs: 3}", "budget: {epoch: 3}"), ["profile=small"],
+     r"attacks.badnets.budget: .*epoch"),
+    (PROFILED, ["attacks.blend.budget.epochs=-1"], r"attacks.blend.budget: .*epochs"),
+    (PROFILED, ["attacks.blend.budget=3"], r"attacks.blend.budget: expected a mapping"),
+    (PROFILED.replace("  small:\n", "  small:\n    profile: other\n"), [], r"profiles.small: a profile cannot"),
+])
+def test_bad_profiles_and_budgets_are_one_clear_message(tmp_path, text, overrides, message):
+    p = tmp_path / "profiled.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_preset(p, overrides)
+
+
+def test_the_reproduction_presets_have_a_cpu_profile():
+    """The reduced profiles of the paper-table presets: the stage budgets the CPU measurements use."""
+    t2 = load_preset("nba_table2", ["profile=cpu"])
+    assert {a.name: a.train_dict["epochs"] for a in t2.attacks} == \
+        {"badnets": 12, "trojannn": 4, "blend": 4, "cla": 4, "sig": 4}
+    assert [d.name for d in t2.defenses] == ["ft", "fp", "mcr", "nad", "argd", "anp", "nba"]
+    assert all(not d.params for d in t2.defenses)          # the defenses at their paper defaults
+    assert t2.resources.cpus == 1 and t2.resources.gpus == 0
+    t3 = load_preset("dlp_table3", ["profile=cpu"])
+    assert {a.name: a.train_dict["epochs"] for a in t3.attacks} == {"badnets": 12, "sig": 4}
+    assert t3.defense("dlp").params_dict == {"assft_epochs": 3}
+    assert t3.defense("abl").params_dict == {"isolation_epochs": 10, "finetune_epochs": 10, "unlearn_epochs": 5}
+    assert load_preset("nba_table2").attack("badnets").train_dict["epochs"] == 100    # the paper scale
+
+
 def test_config_is_frozen_and_hash_tracks_content():
     cfg = load_preset("quickstart")
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -177,7 +257,7 @@ def test_dry_run_counts_stages_and_trials_and_prices_them(tmp_path):
     table = dry_run(load_preset("nba_table2"))
     # the clean model TrojanNN/CLA fit on is one more (shared) stage; Refool trains on GTSRB
     assert "attack stages: 7 distinct" in table and "refool on gtsrb" in table
-    assert "Tuners: 6 (the 36 paper-default trial(s) in 6, one per attack)" in table and "trials: 36" in table
+    assert "Tuners: 6 (the 42 paper-default trial(s) in 6, one per attack)" in table and "trials: 42" in table
 
 
 def test_every_method_states_its_own_cost():

@@ -397,3 +397,11 @@ def test_clean_subset_exclusion():
 def test_clean_subset_bad_fraction(fraction):
     with pytest.raises(ValueError, match=r"fraction must be a number in \(0, 1\]"):
         clean_subset(torch.arange(100) % 10, fraction, seed=0)
+
+
+def test_the_cost_estimate_counts_an_imagefolders_images(tree, tmp_path):
+    """The dry run prices an ImageFolder dataset by its file counts (listed, not decoded)."""
+    from sweep.estimate import dataset_sizes
+
+    assert dataset_sizes(f"imagefolder:{tree}") == (12, 7)
+    assert dataset_sizes(f"imagefolder:{tmp_path / 'absent'}") is None      # unknown, not an error

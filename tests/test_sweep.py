@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from sweep.config import Selection
+from sweep.paper_tables import load_table
 from sweep.preset import load_preset
 from sweep.selection import best_across_attacks, pareto_front, select_best
 from trainables.job import TrialCase, TrialJob, decode
@@ -131,14 +132,17 @@ def test_dlp_table3_layout_puts_the_papers_numbers_beside_ours():
     md, tables = tables_markdown(cfg, runs, best)
     assert "DLP Table 3" in md and "CA / ASR" in md
     assert "| defense | badnets | trojannn | blend | cla | sig |" in md
-    assert "| DLP | 88.00 / 1.00 (93.08 / 0.24) |" in md          # ours (paper)
-    assert "| no defense | 90.00 / 99.00 (91.31 / 100.00) |" in md
+    assert "| DLP | 88.00 / 1.00 (93.08 / 0.24; -5.08 / +0.76) |" in md     # ours (paper; ours - paper)
+    assert "| no defense | 90.00 / 99.00 (91.31 / 100.00; -1.31 / -1.00) |" in md
     long = tables["results_long"]
     assert len(long) == 5 * (1 + 4) and long[long["defense"] == "anp"]["paper_ba"].tolist()[0] == 90.16
+    dlp_sig = long[(long["defense"] == "dlp") & (long["attack"] == "sig")].iloc[0]
+    assert (dlp_sig["diff_ba"], dlp_sig["diff_asr"]) == (round(88.0 - load_table("dlp_table3").value("sig", "dlp")["ba"], 2),
+                                                         round(5.0 - load_table("dlp_table3").value("sig", "dlp")["asr"], 2))
 
 
 def test_every_paper_table_loads_and_the_presets_choose_theirs():
-    from sweep.paper_tables import known_tables, load_table
+    from sweep.paper_tables import known_tables
 
     assert known_tables() == ["cheatkd_table2", "dlp_table3", "nba_table2"]
     assert load_table("nba_table2").value("sig", "nba") == {"asr": 1.95, "ba": 81.71}
