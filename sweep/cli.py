@@ -4,7 +4,7 @@
     python -m sweep list                              datasets, models, attacks, defenses, presets
     python -m sweep train --dataset D --model M --epochs N --out DIR
     python -m sweep run --dataset D --model M --attack A [--defense X] [--set k=v ...] --out DIR
-    python -m sweep report <sweep-id|preset>
+    python -m sweep report <sweep-id|preset> [--seeds]
     python -m sweep bench train [--json]
     python -m sweep bench sweep [--nodes 2 --cpus-per-node 1] [--json]
     python -m sweep bench early-stopping [--json]
@@ -148,7 +148,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from sweep.report import make_report
+    from sweep.report import make_report, make_seeds_report
+    if args.seeds:
+        make_seeds_report(args.sweep, workdir=args.workdir, tracking_uri=args.tracking_uri, progress=_print)
+        return 0
     result = make_report(args.sweep, workdir=args.workdir, tracking_uri=args.tracking_uri)
     _print(str(result))
     return 0
@@ -265,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("sweep", help="a sweep id or a preset name (its latest sweep)")
     rep.add_argument("--workdir", default=os.environ.get("SWEEP_WORKDIR", "./sweep-runs"))
     rep.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    rep.add_argument("--seeds", action="store_true",
+                     help="the sweep and its repeats at other seeds (same preset and config but the seed: "
+                          "--set seed=N), each cell as mean ± std; writes report/seeds.md")
 
     b = sub.add_parser("bench", help="benchmarks (not tests): `bench train` = training images/s vs a reference "
                                      "loop; `bench sweep` = trials/h and utilisation of a reduced sweep on a "

@@ -149,12 +149,14 @@ class SweepConfig:
         """The normalised preset (defaults filled in): loading it back gives this config."""
         return json.loads(self.raw)
 
-    def config_hash(self) -> str:
+    def config_hash(self, ignore_seed: bool = False) -> str:
         """Identifies the experiment (everything but the description, where it is stored and how
-        often it checkpoints):
-        resume matches on it."""
+        often it checkpoints): resume matches on it. ``ignore_seed``: the same experiment at any
+        seed (what a report over seeds groups by)."""
         d = self.to_dict()
         d.pop("description", None)
+        if ignore_seed:
+            d.pop("seed", None)
         if d.get("profile") is None:
             d.pop("profile", None)           # absent before profiles existed: older sweeps resume
         d.pop("storage", None)

@@ -15,7 +15,8 @@ from sweep.model_registry import register_best
 from sweep.plots import plot_curves, plot_pareto
 from sweep.selection import build_best_configs, describe_rule, load_runs, report_metrics
 from sweep.state import SweepState
-from sweep.tables import tables_markdown
+from sweep.errors import SweepError
+from sweep.tables import results_long, seeds_markdown, tables_markdown
 from sweep.tracking import Tracker, resolve_tracking_uri
 
 
@@ -56,15 +57,25 @@ def stage_budgets(cfg) -> str:
     return "; ".join(f"{listed(names)} {epochs} epochs" for epochs, names in groups.items())
 
 
+def _setting(cfg) -> str:
+    return (f"preset `{cfg.name}`" + (f" (profile `{cfg.profile}`)" if cfg.profile else "")
+            + f" · dataset `{cfg.dataset}` · model `{cfg.model}`  \nattack stages: {stage_budgets(cfg)} · "
+            f"defenses' clean data: {100 * cfg.clean_fraction:g}% of the training set")
+
+
+def _open(state: SweepState, workdir: Path, tracking_uri: str | None, experiment: str | None):
+    """(tracker, config, runs) of a sweep."""
+    uri = tracking_uri or state.data.get("tracking_uri") or resolve_tracking_uri(workdir)
+    tracker = Tracker(uri, experiment or state.data.get("experiment") or state.data["preset"], workdir)
+    return tracker, state.config(), load_runs(tracker, state.sweep_id)
+
+
 def make_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tracking_uri: str | None = None,
                 experiment: str | None = None, progress: Callable[[str], None] = print) -> Report:
     """Select the best configs and write the report of a sweep (a sweep id, or a preset's newest)."""
     workdir = Path(workdir).expanduser().resolve()
     state = SweepState.named(sweep_id_or_preset, workdir)
-    uri = tracking_uri or state.data.get("tracking_uri") or resolve_tracking_uri(workdir)
-    tracker = Tracker(uri, experiment or state.data.get("experiment") or state.data["preset"], workdir)
-    cfg = state.config()
-    runs = load_runs(tracker, state.sweep_id)
+    tracker, cfg, runs = _open(state, workdir, tracking_uri, experiment)
     out = state.dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     best = build_best_configs(cfg, state.sweep_id, runs)
@@ -79,11 +90,8 @@ def make_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tra
     files += plot_pareto(cfg, runs, best, out)
     files += plot_curves(cfg, runs, best, tracker, out)
     header = [f"# Sweep {state.sweep_id}", "",
-              f"preset `{cfg.name}`" + (f" (profile `{cfg.profile}`)" if cfg.profile else "")
-              + f" · dataset `{cfg.dataset}` · model `{cfg.model}` · seed {cfg.seed} · "
+              f"{_setting(cfg)} · seed {cfg.seed} · "
               f"MLflow experiment `{tracker.experiment_name}` run `{state.data.get('parent_run_id')}`", "",
-              f"Attack stages: {stage_budgets(cfg)}; clean data for the defenses: "
-              f"{100 * cfg.clean_fraction:g}% of the training set.", "",
               f"Selection rule: {describe_rule(cfg.selection)}.", ""]
     counts = runs[runs["ray_trial_id"] != ""]["status"].value_counts().to_dict() if not runs.empty else {}
     header.append("Trials: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none") + ".")
@@ -98,3 +106,38 @@ def make_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tra
     progress(f"report: {out / 'report.md'}; best configs: {out / 'best_configs.yaml'}")
     shown = tuple(dict.fromkeys([m for m, _ in cfg.search.objectives] + list(report_metrics(cfg))))
     return Report(state.sweep_id, out, best, files, markdown, shown)
+
+
+
+def make_seeds_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tracking_uri: str | None = None,
+                      progress: Callable[[str], None] = print) -> Path:
+    """One experiment over seeds: the sweep named (or the preset's newest) and its repeats at
+    other seeds (``SweepState.seed_siblings``), each cell as mean ± sample std. Written to the
+    named sweep's ``report/seeds.md`` (+ CSVs); returns that path."""
+    import pandas as pd
+
+    workdir = Path(workdir).expanduser().resolve()
+    states = SweepState.seed_siblings(sweep_id_or_preset, workdir)
+    ref = SweepState.named(sweep_id_or_preset, workdir)
+    frames, lines = [], []
+    for state in states:
+        _, cfg, runs = _open(state, workdir, tracking_uri, None)
+        if cfg.kind == "attack":
+            raise SweepError(f"{state.sweep_id}: a report over seeds covers defense sweeps")
+        long = results_long(cfg, runs, build_best_configs(cfg, state.sweep_id, runs))
+        frames.append(long.assign(seed=cfg.seed, sweep_id=state.sweep_id))
+        lines.append(f"- seed {cfg.seed}: sweep `{state.sweep_id}` ({state.data.get('status')})")
+        progress(f"seed {cfg.seed}: {state.sweep_id} ({state.data.get('status')})")
+    cfg = ref.config()
+    md, tables = seeds_markdown(cfg, pd.concat(frames, ignore_index=True))
+    out = ref.dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = ", ".join(str(s.config().seed) for s in states)
+    header = [f"# {cfg.name} over seeds {seeds}", "", _setting(cfg), "",
+              f"Selection rule: {describe_rule(cfg.selection)}.", "", "Sweeps:", *lines, ""]
+    path = out / "seeds.md"
+    path.write_text("\n".join(header) + md)
+    for name, frame in tables.items():
+        frame.to_csv(out / f"{name}.csv", index=False)
+    progress(f"report over {len(states)} seed(s): {path}")
+    return path

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sweep.config import SweepConfig
-from sweep.errors import SweepError
+from sweep.errors import ConfigError, SweepError
 
 
 class SweepState:
@@ -161,3 +161,27 @@ class SweepState:
             raise SweepError(f"no sweep or preset {sweep_id_or_preset!r} in {root}"
                              + (f"; sweeps there: {', '.join(known)}" if known else ""))
         return max(mine, key=lambda s: (s.data.get("status") == "finished", s.data["created"]))
+
+    @classmethod
+    def seed_siblings(cls, sweep_id_or_preset: str, workdir: Path) -> list["SweepState"]:
+        """The sweeps that repeat one experiment at other seeds: the sweep named (or the preset's
+        newest) and, for every other seed, the newest sweep of the same preset whose config differs
+        from it in the seed alone (finished ones first). Sorted by seed."""
+        ref = cls.named(sweep_id_or_preset, workdir)
+        key = ref.config().config_hash(ignore_seed=True)
+        per_seed: dict[int, SweepState] = {}
+        for s in cls.all_in(workdir):
+            if s.data.get("preset") != ref.data.get("preset"):
+                continue
+            try:
+                cfg = s.config()
+            except ConfigError:         # a sweep of an older, now invalid config: not a sibling
+                continue
+            if cfg.config_hash(ignore_seed=True) != key:
+                continue
+            rank = (s.sweep_id == ref.sweep_id, s.data.get("status") == "finished", s.data["created"])
+            old = per_seed.get(cfg.seed)
+            if old is None or rank > (old.sweep_id == ref.sweep_id, old.data.get("status") == "finished",
+                                      old.data["created"]):
+                per_seed[cfg.seed] = s
+        return [per_seed[k] for k in sorted(per_seed)]

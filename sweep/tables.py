@@ -56,68 +56,94 @@ def _short(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def tables_markdown(cfg, runs, best) -> tuple[str, dict]:
-    """The papers' layout, ours beside theirs; returns (markdown, {csv name: DataFrame})."""
-    if cfg.kind == "attack":
-        return _attack_tables(cfg, best)
+def config_kinds(cfg) -> list[tuple[str, str]]:
+    """The configurations the tables show: the selected one (if anything was searched) and the
+    paper default, each with its heading."""
+    kinds = [("best", "best config by the selection rule")] if any(d.searched for d in cfg.defenses) else []
+    return kinds + [("paper_default", "paper-default config")]
+
+
+def results_long(cfg, runs, best):
+    """One row per (attack, defense, config kind): our ASR / BA / RA (fractions), the paper's
+    ASR / BA (%) and ours minus the paper's (points); the no-defense row is the attack stage."""
+    import pandas as pd
+
+    table = load_table(cfg.paper_table) if cfg.paper_table else None
+
+    def paper(a, d):
+        return (table.value(a, d) if table else None) or {}
+
+    rows = []
+    for a in (x.name for x in cfg.attacks):
+        m = no_defense_metrics(runs, a)
+        rows.append({"attack": a, "defense": NO_DEFENSE, "config": "-", "run_id": "",
+                     **{k: number(m.get(k)) for k in ("asr", "ba", "ra")}})
+        for d in cfg.defenses:
+            for kind, _ in config_kinds(cfg):
+                e = (best["defenses"][d.name]["per_attack"][a] or {}).get(kind) or {}
+                m = e.get("metrics", {})
+                rows.append({"attack": a, "defense": d.name, "config": kind, "run_id": e.get("run_id", ""),
+                             **{k: number(m.get(k)) for k in ("asr", "ba", "ra")}})
+    long = pd.DataFrame(rows)
+    for m in ("asr", "ba"):
+        long[f"paper_{m}"] = [paper(a, d).get(m) for a, d in zip(long["attack"], long["defense"])]
+        long[f"diff_{m}"] = [None if ours is None or ours != ours or theirs is None else round(100 * ours - theirs, 2)
+                             for ours, theirs in zip(long[m], long[f"paper_{m}"])]
+    return long
+
+
+def layout_tables(cfg, long, cell_text) -> tuple[list[str], dict]:
+    """The paper table's layout (or attacks x defenses without one), one table per config kind;
+    ``cell_text(rows of one cell, paper dict, cell metrics)`` writes each cell. Returns the
+    markdown parts and {csv name: DataFrame}."""
     import pandas as pd
 
     table = load_table(cfg.paper_table) if cfg.paper_table else None
     cell = table.cell if table else ("asr", "ba")
-    unit = table.unit if table else "ASR / BA"
     attacks = [a.name for a in cfg.attacks]
     defenses = [NO_DEFENSE] + [d.name for d in cfg.defenses]
-    kinds = [("best", "best config by the selection rule")] if any(d.searched for d in cfg.defenses) else []
-    kinds.append(("paper_default", "paper-default config"))
-
-    def paper(a, d):
-        return table.value(a, d) if table else None
-
-    long_rows = []
-    for a in attacks:
-        p = paper(a, NO_DEFENSE) or {}
-        m = no_defense_metrics(runs, a)
-        long_rows.append({"attack": a, "defense": NO_DEFENSE, "config": "-", "asr": number(m.get("asr")),
-                          "ba": number(m.get("ba")), "ra": number(m.get("ra")), "paper_asr": p.get("asr"),
-                          "paper_ba": p.get("ba"), "run_id": ""})
-        for d in cfg.defenses:
-            p = paper(a, d.name) or {}
-            for kind, _ in kinds:
-                e = (best["defenses"][d.name]["per_attack"][a] or {}).get(kind) or {}
-                m = e.get("metrics", {})
-                long_rows.append({"attack": a, "defense": d.name, "config": kind, "asr": m.get("asr"),
-                                  "ba": m.get("ba"), "ra": m.get("ra"), "paper_asr": p.get("asr"),
-                                  "paper_ba": p.get("ba"), "run_id": e.get("run_id", "")})
-    long = pd.DataFrame(long_rows)
-    for m in ("asr", "ba"):        # ours minus the paper's, in points
-        long[f"diff_{m}"] = [None if ours is None or theirs is None or theirs != theirs else round(100 * ours - theirs, 2)
-                             for ours, theirs in zip(long[m].map(number), long[f"paper_{m}"])]
-    title = table.title if table else "this sweep"
-    md = [f"\n## Results in the layout of {title}\n",
-          f"Cells: {unit} in %, ours, then in brackets the paper's and ours minus the paper's in points "
-          f"({f'{table.title}: {table.setting}' if table else 'no paper table chosen'}; this sweep: "
-          f"{cfg.dataset}, {cfg.model}). \"none\" = the backdoored model before any defense.\n"]
-    tables = {"results_long": long}
-    for kind, heading in kinds:
-        def both(a, dname):
+    names = ["no defense" if x == NO_DEFENSE else x.upper() for x in defenses]
+    md, frames = [], {}
+    for kind, heading in config_kinds(cfg):
+        def text(a, dname):
             sel = long[(long["attack"] == a) & (long["defense"] == dname)]
-            r = sel.iloc[0] if dname == NO_DEFENSE else sel[sel["config"] == kind].iloc[0]
-            ours = {'asr': r['asr'], 'ba': r['ba']}
-            return f"{_ours(ours, cell)} ({_theirs(paper(a, dname), cell)}{_diff(ours, paper(a, dname), cell)})"
+            sel = sel if dname == NO_DEFENSE else sel[sel["config"] == kind]
+            return cell_text(sel, (table.value(a, dname) if table else None), cell)
 
-        names = ["no defense" if x == NO_DEFENSE else x.upper() for x in defenses]
         if table is None or table.rows == "attacks":
             header = ["attack"] + names
-            body = [[a] + [both(a, x) for x in defenses] for a in attacks]
+            body = [[a] + [text(a, x) for x in defenses] for a in attacks]
         else:
             header = ["defense"] + attacks
-            body = [[name] + [both(a, x) for a in attacks] for name, x in zip(names, defenses)]
-        md.append(f"\n### {heading}\n")
-        md.append(_md_table(header, body))
-        tables[f"table_{kind}"] = pd.DataFrame(body, columns=header)
-    md.append(_why_md(best, "defenses"))
-    md.append(_across_md(cfg, best))
-    return "\n".join(md), tables
+            body = [[name] + [text(a, x) for a in attacks] for name, x in zip(names, defenses)]
+        md += [f"\n### {heading}\n", _md_table(header, body)]
+        frames[f"table_{kind}"] = pd.DataFrame(body, columns=header)
+    return md, frames
+
+
+def _one_run_cell(rows, paper: dict | None, cell: tuple[str, ...]) -> str:
+    r = rows.iloc[0]
+    ours = {"asr": r["asr"], "ba": r["ba"]}
+    return f"{_ours(ours, cell)} ({_theirs(paper, cell)}{_diff(ours, paper, cell)})"
+
+
+def _layout_intro(cfg, what: str) -> list[str]:
+    table = load_table(cfg.paper_table) if cfg.paper_table else None
+    unit = table.unit if table else "ASR / BA"
+    return [f"\n## Results in the layout of {table.title if table else 'this sweep'}\n",
+            f"Cells: {unit} in %, {what}, then in brackets the paper's and ours minus the paper's in points "
+            f"({f'{table.title}: {table.setting}' if table else 'no paper table chosen'}; this sweep: "
+            f"{cfg.dataset}, {cfg.model}). \"none\" = the backdoored model before any defense.\n"]
+
+
+def tables_markdown(cfg, runs, best) -> tuple[str, dict]:
+    """The papers' layout, ours beside theirs; returns (markdown, {csv name: DataFrame})."""
+    if cfg.kind == "attack":
+        return _attack_tables(cfg, best)
+    long = results_long(cfg, runs, best)
+    md, frames = layout_tables(cfg, long, _one_run_cell)
+    md = _layout_intro(cfg, "ours") + md + [_why_md(best, "defenses"), _across_md(cfg, best)]
+    return "\n".join(md), {"results_long": long, **frames}
 
 
 def _why_md(best: dict, section: str) -> str:
@@ -185,3 +211,100 @@ def _across_md(cfg, best) -> str:
                      f"over {len(x['per_attack'])} attacks ({x['n_configs_on_all_attacks']} configs measured on all)"
                      + f"  \n  why: {x['why']}  \n  `{params}`")
     return "\n".join(lines) + "\n"
+
+
+def aggregate_seeds(per_seed):
+    """``results_long`` frames of one experiment at several seeds (a ``seed`` column) -> one row per
+    (attack, defense, config): ``n`` seeds measured, mean and sample std of ASR / BA / RA
+    (fractions), the paper's numbers and the mean minus the paper's (points)."""
+    import pandas as pd
+
+    rows = []
+    for (a, d, kind), g in per_seed.groupby(["attack", "defense", "config"], sort=False):
+        row = {"attack": a, "defense": d, "config": kind, "n": int(g["ba"].notna().sum()),
+               "seeds": ",".join(str(s) for s in sorted(g.loc[g["ba"].notna(), "seed"]))}
+        for m in ("asr", "ba", "ra"):
+            vals = g[m].dropna().astype(float)
+            row[f"{m}_mean"] = float(vals.mean()) if len(vals) else None
+            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else None
+        for m in ("asr", "ba"):
+            theirs = g[f"paper_{m}"].iloc[0]
+            row[f"paper_{m}"] = theirs
+            ours = row[f"{m}_mean"]
+            row[f"diff_{m}"] = None if ours is None or theirs is None or theirs != theirs else round(100 * ours - theirs, 2)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _mean_std(row, m: str) -> str:
+    mean, std = number(row.get(f"{m}_mean")), number(row.get(f"{m}_std"))
+    if mean is None:
+        return "—"
+    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def _seeds_cell(rows, paper: dict | None, cell: tuple[str, ...]) -> str:
+    r = rows.iloc[0]
+    ours = " / ".join(_mean_std(r, m) for m in cell)
+    means = {m: r.get(f"{m}_mean") for m in cell}
+    return f"{ours} ({_theirs(paper, cell)}{_diff(means, paper, cell)})"
+
+
+def best_against_default(agg) -> list[dict]:
+    """Per searched (attack, defense): the selected config's mean BA / ASR against the paper
+    default's, and whether the difference exceeds the seed-to-seed spread (the sum of the two
+    sample stds, per metric): ``better`` when one metric gains beyond it and the other does not
+    lose beyond it, ``worse`` the reverse, else ``within the spread``."""
+    out = []
+    for (a, d), g in agg[agg["config"].isin(["best", "paper_default"])].groupby(["attack", "defense"], sort=False):
+        if set(g["config"]) != {"best", "paper_default"}:
+            continue
+        b, p = (g[g["config"] == k].iloc[0] for k in ("best", "paper_default"))
+        row = {"attack": a, "defense": d, "n_best": int(b["n"]), "n_default": int(p["n"])}
+        verdict = None
+        gains = {}
+        for m, sign in (("ba", 1), ("asr", -1)):     # higher BA, lower ASR is better
+            if number(b[f"{m}_mean"]) is None or number(p[f"{m}_mean"]) is None:
+                verdict = "not measured"
+                continue
+            delta = 100 * (float(b[f"{m}_mean"]) - float(p[f"{m}_mean"]))
+            stds = [number(b[f"{m}_std"]), number(p[f"{m}_std"])]
+            spread = None if None in stds else 100 * sum(stds)
+            row[f"delta_{m}"], row[f"spread_{m}"] = round(delta, 2), None if spread is None else round(spread, 2)
+            gains[m] = None if spread is None else int(sign * delta > spread) - int(sign * delta < -spread)
+        if verdict is None:
+            if None in gains.values():
+                verdict = "one seed: no spread to compare against"
+            elif max(gains.values()) == 1 and min(gains.values()) >= 0:
+                verdict = "better"
+            elif min(gains.values()) == -1 and max(gains.values()) <= 0:
+                verdict = "worse"
+            else:
+                verdict = "within the spread"
+        row["verdict"] = verdict
+        out.append(row)
+    return out
+
+
+def seeds_markdown(cfg, per_seed) -> tuple[str, dict]:
+    """The paper's layout over seeds: mean ± sample std per cell, the paper's numbers and the
+    mean minus the paper's; then, where a defense was searched, its selected config against its
+    paper default. Returns (markdown, {csv name: DataFrame})."""
+    import pandas as pd
+
+    agg = aggregate_seeds(per_seed)
+    md, frames = layout_tables(cfg, agg, _seeds_cell)
+    md = _layout_intro(cfg, "ours as mean ± sample std over the seeds") + md
+    compared = best_against_default(agg)
+    if compared:
+        md.append("\n## The selected configuration against the paper default\n")
+        md.append("Mean over seeds, selected minus default, in points; spread = the two configs' sample "
+                  "stds added. \"better\": one metric gains beyond its spread and the other loses no more "
+                  "than its spread.\n")
+        body = [[c["attack"], c["defense"], f"{c['n_best']} / {c['n_default']}",
+                 *(f"{c[f'delta_{m}']:+.2f} (spread {c[f'spread_{m}']:.2f})" if c.get(f"spread_{m}") is not None
+                   else (f"{c[f'delta_{m}']:+.2f}" if f"delta_{m}" in c else "—") for m in ("ba", "asr")),
+                 c["verdict"]] for c in compared]
+        md.append(_md_table(["attack", "defense", "seeds (selected / default)", "Δ BA", "Δ ASR", "verdict"], body))
+        frames["best_vs_default"] = pd.DataFrame(compared)
+    return "\n".join(md), {"seeds_long": per_seed, "seeds_summary": agg, **frames}

@@ -40,10 +40,6 @@ SEL = Selection(rule="ba_within", bound=10.0, ba_tolerance=2.0, metric="asr", mo
 BOUND = Selection(rule="bound", bound=10.0, ba_tolerance=2.0, metric="asr", mode="min", ba_metric="ba")
 
 
-SEL = Selection(rule="ba_within", bound=10.0, ba_tolerance=2.0, metric="asr", mode="min", ba_metric="ba")
-BOUND = Selection(rule="bound", bound=10.0, ba_tolerance=2.0, metric="asr", mode="min", ba_metric="ba")
-
-
 def test_pareto_front_and_the_ba_within_rule():
     df = _runs([
         {"asr": 0.02, "ba": 0.80},
@@ -139,6 +135,64 @@ def test_dlp_table3_layout_puts_the_papers_numbers_beside_ours():
     dlp_sig = long[(long["defense"] == "dlp") & (long["attack"] == "sig")].iloc[0]
     assert (dlp_sig["diff_ba"], dlp_sig["diff_asr"]) == (round(88.0 - load_table("dlp_table3").value("sig", "dlp")["ba"], 2),
                                                          round(5.0 - load_table("dlp_table3").value("sig", "dlp")["asr"], 2))
+
+
+def _long(seed, cells):
+    """A ``results_long`` frame of one seed: cells = {(attack, defense, config): (asr, ba)}."""
+    rows = [{"attack": a, "defense": d, "config": k, "run_id": f"{seed}{a}{d}{k}", "asr": asr, "ba": ba, "ra": 0.5,
+             "paper_asr": 1.0, "paper_ba": 80.0, "seed": seed} for (a, d, k), (asr, ba) in cells.items()]
+    return pd.DataFrame(rows)
+
+
+def test_a_report_over_seeds_gives_mean_and_std_and_says_whether_the_search_beat_the_default():
+    from sweep.tables import aggregate_seeds, best_against_default
+
+    per_seed = pd.concat([_long(s, {
+        ("badnets", "none", "-"): (1.0, 0.80 + d),
+        ("badnets", "nba", "best"): (0.02, 0.79 + d),            # BA +4 points, spread 2: better
+        ("badnets", "nba", "paper_default"): (0.03, 0.75 + d),
+        ("blend", "nba", "best"): (0.02 + 2 * d, 0.75 + 2 * d),   # BA +1 point, spread 4: within
+        ("blend", "nba", "paper_default"): (0.02, 0.74 + 2 * d),
+        ("sig", "nba", "best"): (0.30 + d, 0.70 + d),             # ASR +20 points, BA -5: worse
+        ("sig", "nba", "paper_default"): (0.10, 0.75 + d),
+    }) for s, d in ((0, -0.01), (1, 0.0), (2, 0.01))], ignore_index=True)
+    per_seed.loc[(per_seed["seed"] == 2) & (per_seed["config"] == "-"), "ba"] = None   # seed 2's stage lost
+    agg = aggregate_seeds(per_seed).set_index(["attack", "defense", "config"])
+    none = agg.loc[("badnets", "none", "-")]
+    assert none["n"] == 2 and none["seeds"] == "0,1"
+    assert none["ba_mean"] == pytest.approx(0.795) and none["ba_std"] == pytest.approx(0.00707, abs=1e-5)
+    best = agg.loc[("badnets", "nba", "best")]
+    assert best["n"] == 3 and best["ba_mean"] == pytest.approx(0.79) and best["ba_std"] == pytest.approx(0.01)
+    assert best["diff_ba"] == pytest.approx(79.0 - 80.0) and best["diff_asr"] == pytest.approx(2.0 - 1.0)
+    verdicts = {c["attack"]: c for c in best_against_default(aggregate_seeds(per_seed))}
+    assert verdicts["badnets"]["verdict"] == "better"
+    assert verdicts["badnets"]["delta_ba"] == pytest.approx(4.0) and verdicts["badnets"]["spread_ba"] == pytest.approx(2.0)
+    assert verdicts["blend"]["verdict"] == "within the spread"
+    assert verdicts["sig"]["verdict"] == "worse"
+    one = best_against_default(aggregate_seeds(per_seed[per_seed["seed"] == 0]))
+    assert {c["verdict"] for c in one} == {"one seed: no spread to compare against"}
+
+
+def test_the_repeats_of_a_sweep_at_other_seeds_are_found(tmp_path):
+    """``report --seeds`` groups the sweeps of one preset whose configs differ in the seed alone,
+    one per seed (the named sweep for its own seed; else finished before unfinished, newest first)."""
+    from sweep.state import SweepState
+
+    def made(overrides, status, created):
+        st = SweepState.create(load_preset("quickstart", overrides), tmp_path)
+        st.data.update(status=status, created=created)
+        st.save()
+        return st.sweep_id
+
+    s0 = made(["seed=0"], "finished", 1)
+    s1_old = made(["seed=1"], "finished", 2)
+    made(["seed=1"], "partial", 3)                               # newer, unfinished: not chosen
+    s2 = made(["seed=2"], "finished", 4)
+    made(["seed=1", "clean_fraction=0.2"], "finished", 5)       # another experiment
+    made(["seed=3", "search.num_samples=2"], "finished", 6)     # another experiment
+    got = [s.sweep_id for s in SweepState.seed_siblings(s0, tmp_path)]
+    assert got == [s0, s1_old, s2]
+    assert [s.sweep_id for s in SweepState.seed_siblings(s2, tmp_path)] == [s0, s1_old, s2]
 
 
 def test_every_paper_table_loads_and_the_presets_choose_theirs():

@@ -323,6 +323,43 @@ def test_a_failed_pair_makes_the_sweep_partial_and_resume_redoes_only_it(tmp_pat
     assert "failed_pairs" not in parent.data.tags
 
 
+def test_report_over_seeds_reads_each_seeds_sweep_from_mlflow(tmp_path, monkeypatch, capsys):
+    """The same tiny sweep at seeds 0 and 1 (FT: its paper default and one searched trial), then
+    ``report --seeds``: each cell is the mean ± std of the two sweeps' MLflow runs."""
+    import pandas as pd
+
+    from sweep.cli import main
+
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    sets = TINY + ["defenses.nba=null", "defenses.ft.num_samples=2", "defenses.ft.space.lr=[0.1, 0.2]",
+                   "search.cross_check=false"]
+    for seed in (0, 1):
+        assert main(_args(tmp_path, sets + [f"seed={seed}"])) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["report", "quickstart", "--seeds", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0: quickstart-" in out and "seed 1: quickstart-" in out and "report over 2 seed(s)" in out
+    (md_path,) = tmp_path.glob("sweeps/*/report/seeds.md")
+    md = md_path.read_text()
+    assert "over seeds 0, 1" in md and "± " in md
+    per_seed = pd.read_csv(md_path.parent / "seeds_long.csv")
+    summary = pd.read_csv(md_path.parent / "seeds_summary.csv").set_index(["attack", "defense", "config"])
+    # each seed's numbers are the ones its own sweep's report selected from MLflow
+    for seed in (0, 1):
+        sweep_id = per_seed.loc[per_seed["seed"] == seed, "sweep_id"].iloc[0]
+        best = yaml.safe_load((tmp_path / "sweeps" / sweep_id / "report" / "best_configs.yaml").read_text())
+        chosen = best["defenses"]["ft"]["per_attack"]["badnets"]["best"]
+        row = per_seed[(per_seed["seed"] == seed) & (per_seed["defense"] == "ft") & (per_seed["config"] == "best")]
+        assert row["ba"].iloc[0] == pytest.approx(chosen["metrics"]["ba"])
+        assert row["run_id"].iloc[0] == chosen["run_id"]
+    ft = per_seed[(per_seed["defense"] == "ft") & (per_seed["config"] == "best")]["ba"]
+    assert summary.loc[("badnets", "ft", "best"), "n"] == 2
+    assert summary.loc[("badnets", "ft", "best"), "ba_mean"] == pytest.approx(ft.mean())
+    assert summary.loc[("badnets", "ft", "best"), "ba_std"] == pytest.approx(ft.std(ddof=1))
+    assert (md_path.parent / "best_vs_default.csv").is_file()       # FT was searched: the comparison
+
+
 def test_a_sweep_whose_every_stage_fails_exits_nonzero(tmp_path, monkeypatch, capsys):
     """The image folder exists (so the sweep starts) but holds no class folders: the attack stage
     fails in its worker, nothing else can run, and the command says so."""
