@@ -436,6 +436,36 @@ def test_post_train_logs_eq3_on_the_final_teacher(synthetic):
     assert same != pytest.approx(m["teacher_trigger_loss"], rel=1e-2)
 
 
+def test_the_kd_defense_distils_a_fresh_student_from_any_attacks_teacher(tmp_path):
+    """The ``kd`` defense (a victim distilling any attack's teacher: the BadNets control of the
+    CheatKD comparison) through the real defense stage: the same student, bit for bit, as a
+    direct ``kd.distill`` call (the student seeded with the defense seed, Heo et al.'s schedule,
+    the stage's clean data); another architecture is saved under its own name."""
+    from trainables.data import clean_subset
+    from trainables.stages import defend, load_attack_artifact, resolve_defense
+
+    spec = resolve_attack_stage("synthetic:300:100", "wrn-16-1", "badnets", {}, {"epochs": 2, "batch_size": 50})
+    art = load_attack_artifact(run_attack_stage(spec, tmp_path / "cache", rt=RT, progress=quiet))
+    params = {"epochs": 2, "lr": 0.05, "batch_size": 50}
+    m = defend(art, resolve_defense("kd", params, clean_fraction=1.0, seed=3), tmp_path / "kd", rt=RT,
+               progress=quiet, epoch_eval_size=50)
+    assert [e["stage"] for e in m["history"]] == ["kd", "kd"] and m["clean_subset_size"] == 270   # 30 poisoned left out
+    student = load_model(tmp_path / "kd")
+    clean = art.dataset.train.subset(clean_subset(art.dataset.train.y, 1.0, 3, exclude=art.poison_index))
+    torch.manual_seed(3)          # the student, then the connectors, from the defense seed
+    expected = build_model("wrn-16-1", 10, art.dataset.mean, art.dataset.std)
+    kd.distill(expected, art.model, clean, "overhaul", kd.heo_sgd(2, 0.05, 50), RT, seed=3)
+    for (k, v), w in zip(student.state_dict().items(), expected.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert not torch.equal(next(student.parameters()), next(art.model.parameters()))      # a new model
+    # another student architecture: built, trained and saved under its own name
+    defend(art, resolve_defense("kd", {**params, "epochs": 1, "student_model": "wrn-16-2"}, 1.0, 3),
+           tmp_path / "kd-wide", rt=RT, progress=quiet, epoch_eval_size=50)
+    assert read_json(tmp_path / "kd-wide" / "spec.json", "spec")["model"]["name"] == "wrn-16-2"
+    assert sum(p.numel() for p in load_model(tmp_path / "kd-wide").parameters()) > \
+        sum(p.numel() for p in student.parameters())
+
+
 # ============================================================================ contract and search space
 
 def test_registered_with_paper_defaults():

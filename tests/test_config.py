@@ -10,7 +10,7 @@ from sweep import ConfigError, dry_run, format_config, list_presets, load_preset
 from sweep.plan import make_plan
 from sweep.spaces import first_point, optuna_space
 
-PRESETS = ("quickstart", "nba_cifar", "dlp_cifar", "cheatkd_cifar100", "nba_table2", "dlp_table3")
+PRESETS = ("quickstart", "nba_cifar", "dlp_cifar", "cheatkd_cifar100", "nba_table2", "dlp_table3", "cheatkd_table2")
 
 
 def test_every_preset_loads_and_says_what_it_is():
@@ -233,6 +233,15 @@ def test_the_reproduction_presets_have_a_cpu_profile():
     assert t3.defense("dlp").params_dict == {"assft_epochs": 3}
     assert t3.defense("abl").params_dict == {"isolation_epochs": 10, "finetune_epochs": 10, "unlearn_epochs": 5}
     assert load_preset("nba_table2").attack("badnets").train_dict["epochs"] == 100    # the paper scale
+    # CheatKD against the BadNets-teacher control: one victim distillation (the kd defense) for both
+    ck = load_preset("cheatkd_table2")
+    assert ck.kind == "defense" and ck.clean_fraction == 1.0 and ck.paper_table == "cheatkd_students"
+    assert ck.attack("cheatkd").params_dict["kd_epochs"] == 0          # no student inside the stage
+    assert ck.defense("kd").params_dict == {"student_model": "wrn-16-4", "epochs": 200}
+    ck_cpu = load_preset("cheatkd_table2", ["profile=cpu"])
+    assert ck_cpu.model == "wrn-16-1" and ck_cpu.defense("kd").params_dict == {"student_model": None, "epochs": 20}
+    assert {a.name: a.train_dict["epochs"] for a in ck_cpu.attacks} == {"cheatkd": 4, "badnets": 12}
+    assert ck_cpu.attack("cheatkd").params_dict == {"kd_epochs": 0, "trigger_epochs": 50}
 
 
 def test_config_is_frozen_and_hash_tracks_content():

@@ -198,14 +198,16 @@ def test_the_repeats_of_a_sweep_at_other_seeds_are_found(tmp_path):
 def test_every_paper_table_loads_and_the_presets_choose_theirs():
     from sweep.paper_tables import known_tables
 
-    assert known_tables() == ["cheatkd_table2", "dlp_table3", "nba_table2"]
+    assert known_tables() == ["cheatkd_students", "cheatkd_table2", "dlp_table3", "nba_table2"]
     assert load_table("nba_table2").value("sig", "nba") == {"asr": 1.95, "ba": 81.71}
     assert load_table("dlp_table3").value("cla", "abl") == {"ba": 89.12, "asr": 0.0}
     assert load_table("cheatkd_table2").value("cheatkd", "none") == {"student_asr": 96.1, "student_ba": 79.4}
+    assert load_table("cheatkd_students").value("badnets", "kd") == {"ba": 80.1, "asr": 0.4}   # the control
     assert load_table("dlp_table3").unit == "CA / ASR"
-    chosen = {p: load_preset(p).paper_table for p in ("quickstart", "nba_table2", "dlp_table3", "cheatkd_cifar100")}
+    chosen = {p: load_preset(p).paper_table
+              for p in ("quickstart", "nba_table2", "dlp_table3", "cheatkd_cifar100", "cheatkd_table2")}
     assert chosen == {"quickstart": "nba_table2", "nba_table2": "nba_table2", "dlp_table3": "dlp_table3",
-                      "cheatkd_cifar100": "cheatkd_table2"}
+                      "cheatkd_cifar100": "cheatkd_table2", "cheatkd_table2": "cheatkd_students"}
 
 
 def test_a_paper_table_of_the_wrong_kind_or_name_is_refused():

@@ -390,6 +390,8 @@ def defend(art: AttackArtifact, dspec: DefenseStageSpec, out_dir: str | Path | N
                          score_filter=score_filter, report=report or (lambda e: None), progress=label,
                          oracle_trigger=(lambda x: attack.apply(x, gen)) if attack else None)
     bind_log(ctx.history)       # a retried trial's log as of its last checkpoint comes back here
+    mname = art.spec["model"]["name"]
+    ctx.build_model = lambda name=None: prepare(_seeded_model(name or mname, dataset, dspec.seed), rt)
     if cls.kind == "post-training":
         # the clean subset comes from the clean training images, never from poisoned ones
         pick = clean_subset(dataset.train.y, dspec.clean_fraction, dspec.seed, exclude=art.poison_index)
@@ -399,8 +401,6 @@ def defend(art: AttackArtifact, dspec: DefenseStageSpec, out_dir: str | Path | N
         if art.poisoned_x is None and attack is not None or art.spec.get("stage") == "external":
             raise ParamError(f"defense {dspec.defense} trains from the poisoned training set; it needs an attack-stage artifact, not a model file")
         ctx.train = art.poisoned_train()
-        mname = art.spec["model"]["name"]
-        ctx.build_model = lambda: prepare(_seeded_model(mname, dataset, dspec.seed), rt)
     try:
         repaired = defense.run(ctx)
     except TrainingDiverged as e:
@@ -414,6 +414,7 @@ def defend(art: AttackArtifact, dspec: DefenseStageSpec, out_dir: str | Path | N
                "clean_subset_size": len(ctx.clean) if ctx.clean is not None else None}
     if out_dir is not None:
         spec_json = {**{k: v for k, v in art.spec.items() if k not in ("hash", "code_version", "stage")},
+                     "model": {**art.spec["model"], "name": ctx.output_model or mname},
                      "stage": "defense", "attack_hash": art.spec.get("hash"),
                      "defense": {"name": dspec.defense, "params": dspec.params, "kind": cls.kind,
                                  "clean_fraction": dspec.clean_fraction, "seed": dspec.seed},

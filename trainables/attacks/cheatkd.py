@@ -137,7 +137,8 @@ class Params(AttackParams):
                                            "from a WRN-28-4 teacher)")
     kd_method: str = param("overhaul", "the victim's distillation: overhaul (Heo et al. 2019, the "
                                        "paper's) | at | logit", choices=KD_METHODS)
-    kd_epochs: int = param(200, "distillation epochs (Heo et al. CIFAR-100: 200)", low=0)
+    kd_epochs: int = param(200, "distillation epochs (Heo et al. CIFAR-100: 200; 0 = no student in the "
+                                "stage: the kd defense distils it, as for any other attack)", low=0)
     kd_lr: float = param(0.1, "distillation lr, ÷10 at 1/2 and 3/4 (Heo et al.: 0.1)", low=1e-6, high=1.0)
     kd_batch_size: int = param(128, "distillation batch size (Heo et al.: 128)", low=1)
 
@@ -369,6 +370,8 @@ class CheatKD(Attack):
         losses = self.trigger_losses(ctx, model, train)
         ctx.progress(f"cheatkd: Eq. 3 of the final trigger on the trained teacher {losses['teacher_trigger_loss']:.5g} "
                      f"(on the clean model: {losses['trigger_loss_clean_model']:.5g})")
+        if p.kd_epochs == 0:        # no student here: the kd defense distils one (its CheatKD preset)
+            return PostTrainResult(metrics=losses, models={})
         mean, std, classes = model_spec["mean"], model_spec["std"], model_spec["num_classes"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)

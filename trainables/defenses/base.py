@@ -28,9 +28,13 @@ class DefenseContext:
     # post-training: the suspicious model (the defense's own copy) and the clean subset
     model: nn.Module | None = None
     clean: ImageSet | None = None
-    # training-time: the poisoned training set (poisoned labels) and a fresh-model builder
+    # training-time: the poisoned training set (poisoned labels)
     train: ImageSet | None = None
-    build_model: Callable[[], nn.Module] | None = None
+    # every defense: a fresh, seeded model of the suspicious model's architecture, or of the one
+    # named (``build_model("wrn-16-4")``); a defense that returns another architecture than the
+    # suspicious model's names it in ``output_model`` (the saved spec.json records it)
+    build_model: Callable[..., nn.Module] | None = None
+    output_model: str | None = None
     # logging only: test metrics of a model, and how well a suspected-poison set matches the truth
     evaluate: Callable[[nn.Module], dict] = lambda model: {}
     score_filter: Callable[[torch.Tensor], dict] = lambda index: {}

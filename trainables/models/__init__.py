@@ -122,6 +122,11 @@ def _lookup(name: str) -> tuple[Builder, str]:
                      "(or any wrn-<depth>-<width> with (depth - 4) % 6 == 0)")
 
 
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` naming the known models if ``name`` is not one (nothing is built)."""
+    _lookup(name)
+
+
 def build_model(name: str, num_classes: int, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                 std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> TapModel:
     """A freshly initialised model; ``mean``/``std`` are the dataset's, applied as its first layer."""
