@@ -255,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run an attack stage (cached), optionally followed by a defense")
     r.add_argument("--dataset")
     r.add_argument("--model", default="wrn-16-1")
-    r.add_argument("--attack", help="badnets, trojannn, blend, cla, sig, refool, cheatkd, none")
-    r.add_argument("--defense", help="ft, fp, mcr, nad, argd, nba, anp, abl, dlp")
+    r.add_argument("--attack", help="an attack (python -m sweep list shows them), or none")
+    r.add_argument("--defense", help="a defense (python -m sweep list shows them)")
     r.add_argument("--out", required=True)
     r.add_argument("--cache", default=os.environ.get("SWEEP_CACHE", "./sweep-runs/cache"),
                    help="attack-stage artifact cache (default ./sweep-runs/cache or SWEEP_CACHE)")
