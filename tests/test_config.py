@@ -233,6 +233,12 @@ def test_the_reproduction_presets_have_a_cpu_profile():
     assert t3.defense("dlp").params_dict == {"assft_epochs": 3}
     assert t3.defense("abl").params_dict == {"isolation_epochs": 10, "finetune_epochs": 10, "unlearn_epochs": 5}
     assert load_preset("nba_table2").attack("badnets").train_dict["epochs"] == 100    # the paper scale
+    # the search against the paper defaults at the CPU's scale: NBA's whole space, epochs up to 20
+    nc = load_preset("nba_cifar", ["profile=cpu"])
+    assert {a.name: a.train_dict["epochs"] for a in nc.attacks} == {"badnets": 12, "sig": 4}
+    epochs = next(d for d in nc.defense("nba").space if d.name == "epochs")
+    assert (epochs.low, epochs.high, epochs.default) == (5, 20, 20) and nc.search.num_samples == 6
+    assert {d.name for d in nc.defense("nba").space} == {d.name for d in load_preset("nba_cifar").defense("nba").space}
     # CheatKD against the BadNets-teacher control: one victim distillation (the kd defense) for both
     ck = load_preset("cheatkd_table2")
     assert ck.kind == "defense" and ck.clean_fraction == 1.0 and ck.paper_table == "cheatkd_students"
