@@ -52,9 +52,11 @@ def stage_budgets(cfg) -> str:
     groups: dict[object, list[str]] = {}
     for a in cfg.attacks:
         groups.setdefault(a.train_dict.get("epochs", "default"), []).append(a.name)
-    def listed(names: list[str]) -> str:
-        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return "; ".join(f"{listed(names)} {epochs} epochs" for epochs, names in groups.items())
+    return "; ".join(f"{_listed(names)} {epochs} epochs" for epochs, names in groups.items())
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _setting(cfg) -> str:
@@ -108,7 +110,6 @@ def make_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tra
     return Report(state.sweep_id, out, best, files, markdown, shown)
 
 
-
 def make_seeds_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tracking_uri: str | None = None,
                       progress: Callable[[str], None] = print) -> Path:
     """One experiment over seeds: the sweep named (or the preset's newest) and its repeats at
@@ -119,9 +120,10 @@ def make_seeds_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs
     workdir = Path(workdir).expanduser().resolve()
     states = SweepState.seed_siblings(sweep_id_or_preset, workdir)
     ref = SweepState.named(sweep_id_or_preset, workdir)
-    frames, lines = [], []
+    frames, lines, seeds = [], [], []
     for state in states:
         _, cfg, runs = _open(state, workdir, tracking_uri, None)
+        seeds.append(str(cfg.seed))
         if cfg.kind == "attack":
             raise SweepError(f"{state.sweep_id}: a report over seeds covers defense sweeps")
         long = results_long(cfg, runs, build_best_configs(cfg, state.sweep_id, runs))
@@ -132,8 +134,7 @@ def make_seeds_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs
     md, tables = seeds_markdown(cfg, pd.concat(frames, ignore_index=True))
     out = ref.dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    seeds = ", ".join(str(s.config().seed) for s in states)
-    header = [f"# {cfg.name} over seeds {seeds}", "", _setting(cfg), "",
+    header = [f"# {cfg.name} over seeds {', '.join(seeds)}", "", _setting(cfg), "",
               f"Selection rule: {describe_rule(cfg.selection)}.", "", "Sweeps:", *lines, ""]
     path = out / "seeds.md"
     path.write_text("\n".join(header) + md)

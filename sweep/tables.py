@@ -26,6 +26,12 @@ def _theirs(paper: dict | None, cell: tuple[str, ...]) -> str:
     return " / ".join(f"{paper[m]:.2f}" if m in paper else "—" for m in cell)
 
 
+def points_diff(ours, theirs) -> float | None:
+    """Our fraction minus the paper's percentage, in points (None if either is missing)."""
+    ours, theirs = number(ours), number(theirs)
+    return None if ours is None or theirs is None else round(100 * ours - theirs, 2)
+
+
 def _diff(metrics: dict, paper: dict | None, cell: tuple[str, ...]) -> str:
     """Ours minus the paper's, in points, per metric of the cell ("" when nothing to compare)."""
     if not paper:
@@ -87,8 +93,7 @@ def results_long(cfg, runs, best):
     long = pd.DataFrame(rows)
     for m in ("asr", "ba"):
         long[f"paper_{m}"] = [paper(a, d).get(m) for a, d in zip(long["attack"], long["defense"])]
-        long[f"diff_{m}"] = [None if ours is None or ours != ours or theirs is None else round(100 * ours - theirs, 2)
-                             for ours, theirs in zip(long[m], long[f"paper_{m}"])]
+        long[f"diff_{m}"] = [points_diff(ours, theirs) for ours, theirs in zip(long[m], long[f"paper_{m}"])]
     return long
 
 
@@ -228,10 +233,8 @@ def aggregate_seeds(per_seed):
             row[f"{m}_mean"] = float(vals.mean()) if len(vals) else None
             row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else None
         for m in ("asr", "ba"):
-            theirs = g[f"paper_{m}"].iloc[0]
-            row[f"paper_{m}"] = theirs
-            ours = row[f"{m}_mean"]
-            row[f"diff_{m}"] = None if ours is None or theirs is None or theirs != theirs else round(100 * ours - theirs, 2)
+            row[f"paper_{m}"] = g[f"paper_{m}"].iloc[0]
+            row[f"diff_{m}"] = points_diff(row[f"{m}_mean"], row[f"paper_{m}"])
         rows.append(row)
     return pd.DataFrame(rows)
 
