@@ -148,12 +148,14 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from sweep.report import make_report, make_seeds_report
+    from sweep.report import layout_section, make_report, make_seeds_report
     if args.seeds:
-        make_seeds_report(args.sweep, workdir=args.workdir, tracking_uri=args.tracking_uri, progress=_print)
+        path = make_seeds_report(args.sweep, workdir=args.workdir, tracking_uri=args.tracking_uri, progress=_print)
+        print(layout_section(path.read_text()))
         return 0
     result = make_report(args.sweep, workdir=args.workdir, tracking_uri=args.tracking_uri)
     _print(str(result))
+    print(layout_section(result.markdown))
     return 0
 
 

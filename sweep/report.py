@@ -47,6 +47,18 @@ class Report:
         return "\n".join(lines)
 
 
+def layout_section(markdown: str) -> str:
+    """The part of a report that holds the tables in the paper's layout (and, over seeds, the
+    selected-against-default comparison): what ``python -m sweep report`` prints."""
+    lines, keep = [], False
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            keep = line.startswith(("## Results in the layout", "## The selected configuration"))
+        if keep:
+            lines.append(line)
+    return "\n".join(lines).strip()
+
+
 def stage_budgets(cfg) -> str:
     """Each attack's stage budget in epochs, grouped: "badnets 12 epochs; blend and sig 4 epochs"."""
     groups: dict[object, list[str]] = {}

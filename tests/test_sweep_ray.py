@@ -340,6 +340,7 @@ def test_report_over_seeds_reads_each_seeds_sweep_from_mlflow(tmp_path, monkeypa
     assert main(["report", "quickstart", "--seeds", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "seed 0: quickstart-" in out and "seed 1: quickstart-" in out and "report over 2 seed(s)" in out
+    assert "## Results in the layout of NBA Table 2" in out and "| badnets | " in out     # the tables, printed
     (md_path,) = tmp_path.glob("sweeps/*/report/seeds.md")
     md = md_path.read_text()
     assert "over seeds 0, 1" in md and "± " in md
