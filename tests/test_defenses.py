@@ -5,15 +5,17 @@ The backdoored model: conftest's clean WRN-16-1 (8 epochs) further trained 3 epo
 training set (white 3×3 corner patch, 20 % poisoned: a strong backdoor within a CPU budget).
 Each defense gets a 10 % clean subset of the training set (300 images, none poisoned) and a
 scaled-down budget. NAD's and ARGD's tests keep the paper's lr schedule and scale the attention
-weights by 0.1 (``beta_scale`` / ``vertex_scale``), the weights these short runs were tuned at.
+weights by 0.5 and 0.1 (``beta_scale`` / ``vertex_scale``), the weights these short runs were
+tuned at.
 
 Figures beside each assertion were measured on a 2-core CPU in fp32 (``SWEEP_AMP=0``) and in bf16
 autocast (``SWEEP_AMP=1``); the two precisions train different backdoored models (BA 0.914 /
 0.895), and each bound covers both with a margin. NAD's, ARGD's (and NBA's, test_nba.py) short
 runs spend 2 epochs at lr 0.1 on 300 images, which either removes the backdoor or costs BA,
-depending on the float order: with defense seeds 0, 1, 2 under both precisions NAD's BA drop spans
-0.04-0.15 and its ASR 0.06-0.28, ARGD's BA drop 0.00-0.08 and its ASR 0.02-0.26. Their bounds
-cover those six runs with a margin.
+depending on the float order: with defense seeds 0, 1, 2 under both precisions ARGD's BA drop
+spans 0.00-0.08 and its ASR 0.02-0.26. NAD's test runs its attention term at half the paper's
+weight (at a tenth, one thread left ASR 0.47): over seeds 0-2 at one and two threads its ASR ends
+at 0.01-0.16 and its BA drop spans 0.00-0.22. The bounds cover those runs with a margin.
 """
 from __future__ import annotations
 
@@ -147,14 +149,17 @@ def test_ft_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part, m
 @pytest.mark.slow
 def test_nad_removes_the_backdoor_and_keeps_ba(synthetic, backdoor, clean_part, measure, before):
     model, _, _, trig = backdoor
+    # β × 0.5: at × 0.1 the backdoor's survival depended on the float order (bf16, one thread:
+    # ASR 0.996 -> 0.469; two threads 0.153; fp32 0.057)
     repaired, ctx = run_defense("nad", model, clean_part, synthetic, trig,
-                                epochs=6, teacher_epochs=5, beta_scale=0.1)
+                                epochs=6, teacher_epochs=5, beta_scale=0.5)
     after = measure(repaired)
     show('nad', before, after)
-    # measured: fp32 ASR 0.998 -> 0.057, BA 0.914 -> 0.863; bf16 ASR 0.993 -> 0.153, BA 0.895 ->
-    # 0.749 (seeds 1, 2: BA drop up to 0.091, ASR up to 0.279; see the module docstring)
-    assert after["asr"] <= 0.4 and before["asr"] - after["asr"] >= 0.55, after
-    assert after["ba"] >= before["ba"] - 0.2, (before, after)
+    # measured (bf16, AVX-512 BF16 Xeon), defense seeds 0 / 1 / 2: one thread (its own fixture,
+    # BA 0.848) ASR -> 0.158 / 0.076 / 0.054, BA -> 0.797 / 0.822 / 0.852; two threads (BA 0.924)
+    # ASR -> 0.008 / 0.054 / 0.053, BA -> 0.828 / 0.706 / 0.775
+    assert after["asr"] <= 0.25 and before["asr"] - after["asr"] >= 0.7, after
+    assert after["ba"] >= before["ba"] - 0.25, (before, after)
     assert not repaired.training
     check_log(ctx, {"nad-teacher": 5, "nad": 6})
     assert all(e["at"] > 0 for e in ctx.history if e["stage"] == "nad")
