@@ -30,7 +30,8 @@ def test_presets_carry_the_papers_settings():
     nba = load_preset("nba_cifar")
     assert nba.dataset == "cifar10" and [a.name for a in nba.attacks] == ["badnets", "trojannn", "blend", "cla", "sig", "refool"]
     searched = {d.name for d in nba.defense("nba").space}
-    assert {"lambda1", "lambda2", "lambda3", "alpha", "beta", "temperature", "eps", "epochs", "lr"} <= searched
+    assert {"lambda1", "lambda2", "lambda3", "alpha", "beta", "temperature", "eps", "epochs", "lr",
+            "teacher_lr", "teacher_epochs", "pnb_t_squared"} <= searched
     assert nba.search.num_samples >= 50 and 0 < nba.resources.gpus < 1    # fractional GPU per trial
 
     t2 = load_preset("nba_table2")
