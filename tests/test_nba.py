@@ -14,10 +14,10 @@ schedule (lr 0.1 for 2 epochs, then 0.01) cut to 5 teacher epochs, 5 NBA epochs 
 λ1 = λ2 = 0.04 in every run, not the paper's 2.0: at lr 0.1 on these 300-image runs the paper's λ
 diverge to NaN within the first epoch, while 0.04 is stable.
 
-The figure tests run the paper's lr 0.1 with NAD's teacher (lr 0.01), not the defaults (lr 0.03,
-teacher lr 0.001, chosen on CIFAR-10 where 2,500 clean images cannot restore what an lr-0.1 epoch
-costs): on these 300 images and 5 epochs a student lr of 0.02 with that teacher left the backdoor
-(measured, bf16: ASR 0.996 -> 0.960, BA 0.848 -> 0.874), and the lr-0.1 epochs are what removes it.
+The figure tests run the paper's lr 0.1 with NAD's teacher (lr 0.01), not the default lr 0.03
+(chosen on CIFAR-10, where 2,500 clean images cannot restore what an lr-0.1 epoch costs): on these
+300 images and 5 epochs a student lr of 0.02 with that teacher left the backdoor (measured, bf16:
+ASR 0.996 -> 0.960, BA 0.848 -> 0.874), and the lr-0.1 epochs are what removes it.
 
 The figure tests are unsteady at this budget. The two epochs at lr 0.1 on 300 images are what
 removes the backdoor, and what costs BA (dropping the lr after one epoch keeps both BA and the
