@@ -37,7 +37,7 @@ from trainables.registry import register_defense
 @dataclass(frozen=True)
 class Params:
     student_model: str | None = param(None, "the student's architecture (None: the suspicious model's; "
-                                            "CheatKD's pair: WRN-28-4 -> wrn-16-4)")
+                                            "CheatKD's pair: a wrn-28-4 teacher, a wrn-16-4 student)")
     method: str = param("overhaul", "distillation: overhaul (Heo et al. 2019; CheatKD's victim) | at | logit",
                         choices=kd.METHODS)
     epochs: int = param(200, "distillation epochs (Heo et al. CIFAR-100: 200)", low=1)
