@@ -147,7 +147,7 @@ def test_reduced_quickstart_sweep_tracks_everything_and_a_failing_trial_fails_al
     assert nba_best["n_candidates"] == 2
     assert best["defenses"]["ft"]["per_attack"]["badnets"]["paper_default"]["params"]["epochs"] == 1
     md = (rep / "report.md").read_text()
-    assert "NBA Table 2" in md and "(1.16 / 81.59)" in md and "(6.46 / 79.91)" in md   # paper numbers beside ours
+    assert "NBA Table 2" in md and "(1.16 / 81.59; " in md and "(6.46 / 79.91; " in md   # the paper's beside ours
     assert _png(rep / "pareto_nba.png") and _png(rep / "curves_nba.png")
     assert (rep / "results_long.csv").is_file()
     logged = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
