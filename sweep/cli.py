@@ -5,6 +5,8 @@
     python -m sweep train --dataset D --model M --epochs N --out DIR
     python -m sweep run --dataset D --model M --attack A [--defense X] [--set k=v ...] --out DIR
     python -m sweep report <sweep-id|preset> [--seeds]
+    python -m sweep replicate <sweep-id|preset> --seed N   a search's selected configs and the paper
+                                                      defaults, re-measured at another seed
     python -m sweep bench train [--json]
     python -m sweep bench sweep [--nodes 2 --cpus-per-node 1] [--json]
     python -m sweep bench early-stopping [--json]
@@ -19,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
-COMMANDS = ("list", "train", "run", "report", "bench")
+COMMANDS = ("list", "train", "run", "report", "replicate", "bench")
 EXIT_PARTIAL = 3
 
 
@@ -165,6 +168,24 @@ def preset_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", help="a preset name (python -m sweep list) or a path to a preset YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any preset field")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return _run_options(p)
+
+
+def replicate_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m sweep replicate``."""
+    p = argparse.ArgumentParser(
+        prog="python -m sweep replicate",
+        description="Re-measure a finished search at another seed: the same preset and settings at --seed, "
+                    "each searched defense trying its paper default and the configurations the search selected "
+                    "(one per attack), nothing else. `report <preset> --seeds` then compares the two on the "
+                    "new seeds.")
+    p.add_argument("sweep", help="the searching sweep: its id, or a preset name (its newest finished search)")
+    p.add_argument("--seed", type=int, required=True, help="the seed to re-measure at")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return _run_options(p)
+
+
+def _run_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print stage/trial counts, a cost estimate and the packing (on the cluster of --address) and exit")
     p.add_argument("--workdir", default=os.environ.get("SWEEP_WORKDIR", "./sweep-runs"),
                    help="holds mlflow.db, the attack-stage cache, Ray results and reports (default ./sweep-runs)")
@@ -187,10 +208,29 @@ def preset_parser() -> argparse.ArgumentParser:
 
 
 def cmd_preset(argv: list[str]) -> int:
-    from sweep import dry_run, format_config, load_preset
+    from sweep import load_preset
 
     args = preset_parser().parse_args(argv)
     cfg = load_preset(args.preset, [*args.set, *storage_overrides(args.storage, args.storage_endpoint)])
+    return _run_config(cfg, args)
+
+
+def cmd_replicate(argv: list[str]) -> int:
+    from sweep.preset import config_with
+    from sweep.report import replication_config
+
+    args = replicate_parser().parse_args(argv)
+    cfg, sets, said = replication_config(args.sweep, args.seed, workdir=args.workdir, tracking_uri=args.tracking_uri)
+    cfg = config_with(cfg, storage_overrides(args.storage, args.storage_endpoint))
+    _print(f"replicating {args.sweep} at seed {args.seed}: " + "; ".join(said))
+    _print("  = the preset's settings with " + " ".join(f"--set {shlex.quote(x)}" for x in sets))
+    return _run_config(cfg, args)
+
+
+def _run_config(cfg, args) -> int:
+    """Print, price or run (then report) the sweep ``cfg`` as the run options ask."""
+    from sweep import dry_run, format_config
+
     if args.print_config:
         _print(format_config(cfg))
         return 0
@@ -233,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "  python -m sweep <preset> [--set key=value ...]   run a preset sweep "
                     "(quickstart, nba_cifar, dlp_cifar, ...; see `list`)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{list,train,run,report,bench} or <preset>")
+    sub = p.add_subparsers(dest="command", metavar="{list,train,run,report,replicate,bench} or <preset>")
 
     sub.add_parser("list", help="datasets, models, attacks, defenses (with parameters), presets")
 
@@ -274,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the sweep and its repeats at other seeds (same preset and config but the seed: "
                           "--set seed=N), each cell as mean ± std; writes report/seeds.md")
 
+    # parsed by replicate_parser (main routes it there); listed here for --help
+    sub.add_parser("replicate", help="re-measure a finished search at another seed: its selected configurations "
+                                     "and the paper defaults (`replicate -h`)")
+
     b = sub.add_parser("bench", help="benchmarks (not tests): `bench train` = training images/s vs a reference "
                                      "loop; `bench sweep` = trials/h and utilisation of a reduced sweep on a "
                                      "local multi-node Ray, concurrent Tuners against one at a time; `bench early-stopping` = "
@@ -303,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     expected = (UsageError, ConfigError, ParamError, DataError, CheckpointError, PluginError, TrainingDiverged,
                 FileNotFoundError)
     try:
+        if argv and argv[0] == "replicate":
+            return cmd_replicate(argv[1:])
         if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
             return cmd_preset(argv)
         args = build_parser().parse_args(argv)

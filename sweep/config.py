@@ -51,6 +51,9 @@ class DefenseEntry:
     params: tuple[tuple[str, Any], ...]     # fixed: the preset's params + pinned space params
     space: tuple[Dist, ...]                  # searched parameters (narrowed)
     num_samples: int = 1                     # trials per attack (1: the paper default only)
+    # configurations tried right after the paper default (e.g. another seed's selected config):
+    # each every searched parameter's value, as sorted pairs
+    also_try: tuple[tuple[tuple[str, Any], ...], ...] = ()
 
     @property
     def searched(self) -> bool:
@@ -59,6 +62,10 @@ class DefenseEntry:
     @property
     def params_dict(self) -> dict[str, Any]:
         return thaw(self.params)
+
+    def also_try_params(self) -> list[dict[str, Any]]:
+        """Each ``also_try`` point as a trial runs it: the fixed parameters plus its searched values."""
+        return [{**self.params_dict, **thaw(c)} for c in self.also_try]
 
 
 @dataclass(frozen=True)
@@ -149,21 +156,43 @@ class SweepConfig:
         """The normalised preset (defaults filled in): loading it back gives this config."""
         return json.loads(self.raw)
 
-    def config_hash(self, ignore_seed: bool = False) -> str:
+    def config_hash(self) -> str:
         """Identifies the experiment (everything but the description, where it is stored and how
-        often it checkpoints): resume matches on it. ``ignore_seed``: the same experiment at any
-        seed (what a report over seeds groups by)."""
+        often it checkpoints): resume matches on it."""
+        return _hash(self.name, self._experiment_dict())
+
+    def seed_free_hash(self, attacks: tuple[str, ...] | None = None) -> str:
+        """What a report over seeds groups by: the config but its seed and its search (how many
+        trials, what else it tries, cross-checks), over ``attacks`` alone if given. Two sweeps equal
+        in it measure the same cells (the same attack stages, defenses and selection rule) at
+        their own seeds, one perhaps of fewer rows or re-measuring chosen configs only."""
+        d = self._experiment_dict()
+        d.pop("seed", None)
+        d.pop("search", None)
+        for entry in d.get("defenses", {}).values():
+            entry.pop("num_samples", None)
+            entry.pop("also_try", None)
+        if attacks is not None:
+            d["attacks"] = {a: e for a, e in d.get("attacks", {}).items() if a in attacks}
+        return _hash(self.name, d)
+
+    def _experiment_dict(self) -> dict[str, Any]:
         d = self.to_dict()
         d.pop("description", None)
-        if ignore_seed:
-            d.pop("seed", None)
         if d.get("profile") is None:
             d.pop("profile", None)           # absent before profiles existed: older sweeps resume
+        for entry in d.get("defenses", {}).values():
+            if not entry.get("also_try"):
+                entry.pop("also_try", None)    # absent before also_try existed: older sweeps resume
         d.pop("storage", None)
         d.pop("checkpoint_every", None)      # how often state is saved changes no result
         d.get("search", {}).pop("max_tuners", None)     # nor how many Tuners run at once
-        blob = json.dumps({"name": self.name, **d}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return d
+
+    @property
+    def searches(self) -> bool:
+        """Whether the trials sample configurations (beyond each paper default and ``also_try``)."""
+        return any(d.searched and d.num_samples > 1 + len(d.also_try) for d in self.defenses)
 
     def attack(self, name: str) -> AttackEntry:
         return next(a for a in self.attacks if a.name == name)
@@ -175,6 +204,11 @@ class SweepConfig:
     def searched_entries(self) -> tuple:
         """The entries whose parameters the trials search: defenses, or attacks in attack sweeps."""
         return self.defenses if self.kind == "defense" else self.attacks
+
+
+def _hash(name: str, d: dict) -> str:
+    blob = json.dumps({"name": name, **d}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def format_config(cfg: SweepConfig) -> str:

@@ -38,6 +38,7 @@ class PairPlan:
     space: tuple[Dist, ...]
     fixed: tuple[tuple[str, object], ...]
     num_samples: int               # trials (1 when nothing is searched)
+    also_try: tuple = ()         # searched values tried right after the paper default (DefenseEntry)
 
     @property
     def searched(self) -> bool:
@@ -77,7 +78,7 @@ def make_plan(cfg: SweepConfig) -> Plan:
             stages.setdefault(spec.hash(), StagePlan(a.name, spec, spec.hash(), 1))
             for d in cfg.defenses:
                 n = d.num_samples if d.space else 1
-                pairs.append(PairPlan(f"{a.name}__{d.name}", a.name, d.name, d.space, d.params, n))
+                pairs.append(PairPlan(f"{a.name}__{d.name}", a.name, d.name, d.space, d.params, n, d.also_try))
         else:
             cls = registry.get_attack(a.name)
             if getattr(cls, "needs_clean_model", False):

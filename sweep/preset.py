@@ -38,6 +38,10 @@ Preset fields (defaults in brackets; ``sweep.schema.DEFAULTS``)::
       fp: {num_samples: 1}                           {low, high, default}; pin: a scalar;
                                                       num_samples (default search.num_samples;
                                                       1 = the paper default only)
+      nba: {also_try: [{lambda1: 2.0}]}              also_try: configurations tried right after
+                                                      the paper default (searched parameters; the
+                                                      rest at the paper default): how ``replicate``
+                                                      re-measures a selected config at another seed
     search:
       num_samples: 20                  trials per (attack, defense) pair, the paper default included
       sampler: tpe | nsga2 | random    [tpe]
@@ -89,7 +93,7 @@ from sweep.config import (DEFENSE_METRICS, EPOCH_METRICS, KINDS, RULES, SAMPLERS
 from sweep.errors import ConfigError
 from sweep.spaces import Dist
 from sweep.validate import checked_params, method_class, resolve_space, typed
-from trainables.params import ParamError, freeze, plain
+from trainables.params import ParamError, freeze, frozen, plain
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -165,6 +169,16 @@ def absolute_paths(d: dict, cwd: str | Path) -> dict:
 def rebuild_config(name: str, stored: dict, overrides: tuple[str, ...] = (), source: str = "") -> SweepConfig:
     """The config a sweep stored (``SweepConfig.to_dict()``), rebuilt and validated again."""
     return build_config(name, source, schema.merge(schema.DEFAULTS, schema.normalise(stored)), tuple(overrides))
+
+
+def config_with(cfg: SweepConfig, overrides: list[str] | tuple[str, ...]) -> SweepConfig:
+    """``cfg`` with further ``--set`` overrides applied over its normalised preset (validated again;
+    its own overrides stay on record before them)."""
+    raw = cfg.to_dict()
+    for item in overrides:
+        raw = schema.apply_override(raw, item)
+    return build_config(cfg.name, cfg.source, schema.merge(schema.DEFAULTS, schema.normalise(raw)),
+                        (*cfg.overrides, *overrides))
 
 
 def build_config(name: str, source: str, d: dict, overrides: tuple[str, ...]) -> SweepConfig:
@@ -403,5 +417,36 @@ def _defenses(entries: dict, kind: str, defense_epochs: int | None, clean_fracti
         except (ParamError, ValueError) as e:
             raise ConfigError(str(e)) from None
         n = typed(f"{where}.num_samples", entry.get("num_samples"), int, low=1, optional=True) or num_samples
-        out.append(DefenseEntry(name, freeze(params), space, n if space else 1))
+        also_try = _also_try(entry.get("also_try"), cls, params, space, where)
+        if also_try and n < 1 + len(also_try):
+            raise ConfigError(f"{where}.num_samples: {n} trial(s) cannot hold the paper default and "
+                              f"{len(also_try)} also_try point(s); set it to at least {1 + len(also_try)}")
+        out.append(DefenseEntry(name, freeze(params), space, n if space else 1, also_try))
+    return tuple(out)
+
+
+def _also_try(raw: Any, cls, params: dict, space: tuple[Dist, ...], where: str) -> tuple:
+    """``also_try``: mappings of searched parameters, each completed with the first trial's
+    values and checked like a trial's parameters -> frozen, in the order given."""
+    if raw is None:
+        return ()
+    where = f"{where}.also_try"
+    if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
+        raise ConfigError(f"{where}: expected a list of mappings of searched parameters, got {raw!r}")
+    dists = {d.name: d for d in space if not d.pinned}
+    first = {n: v for n, v in _first_trial(params, space).items() if n in dists}
+    out = []
+    for i, c in enumerate(raw):
+        at = f"{where}[{i}]"
+        for k, v in c.items():
+            if k not in dists:
+                raise ConfigError(f"{at}: {k!r} is not a searched parameter here "
+                                  f"(searched: {', '.join(dists) or 'none'})")
+            if not dists[k].contains(frozen(v)):
+                d = dists[k]
+                rng = list(plain(d.choices)) if d.type == "categorical" else f"[{d.low}, {d.high}]"
+                raise ConfigError(f"{at}.{k}: {v!r} is outside the searched range {rng}")
+        values = {**first, **{k: plain(v) for k, v in c.items()}}
+        checked_params(cls.Params, {**params, **values}, f"{at}: ")
+        out.append(freeze(values))
     return tuple(out)

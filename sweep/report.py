@@ -13,11 +13,11 @@ import yaml
 
 from sweep.model_registry import register_best
 from sweep.plots import plot_curves, plot_pareto
-from sweep.selection import build_best_configs, describe_rule, load_runs, report_metrics
+from sweep.selection import build_best_configs, describe_rule, load_runs, remeasured, report_metrics
 from sweep.state import SweepState
 from sweep.errors import SweepError
-from sweep.tables import results_long, seeds_markdown, tables_markdown
-from sweep.tracking import Tracker, resolve_tracking_uri
+from sweep.tables import config_kinds, results_long, seeds_markdown, tables_markdown
+from sweep.tracking import Tracker, paper_default_params, resolve_tracking_uri
 
 
 @dataclass
@@ -124,33 +124,86 @@ def make_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tra
 
 def make_seeds_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tracking_uri: str | None = None,
                       progress: Callable[[str], None] = print) -> Path:
-    """One experiment over seeds: the sweep named (or the preset's newest) and its repeats at
-    other seeds (``SweepState.seed_siblings``), each cell as mean ± sample std. Written to the
-    named sweep's ``report/seeds.md`` (+ CSVs); returns that path."""
+    """One experiment over seeds (``SweepState.seed_siblings``: the reference and its repeats at
+    other seeds), each cell as mean ± sample std. A searched defense's selected configuration is
+    the one the searching sweep chose, re-measured at the other seeds (``replicate``), and it is
+    compared with the paper default on those other seeds alone: on its own seed it won a
+    selection, which flatters it. Written to the reference's ``report/seeds.md`` (+ CSVs);
+    returns that path."""
     import pandas as pd
 
     workdir = Path(workdir).expanduser().resolve()
-    states = SweepState.seed_siblings(sweep_id_or_preset, workdir)
-    ref = SweepState.named(sweep_id_or_preset, workdir)
+    ref, states = SweepState.seed_siblings(sweep_id_or_preset, workdir)
+    opened = [(state, *_open(state, workdir, tracking_uri, None)[1:]) for state in states]
+    if any(cfg.kind == "attack" for _, cfg, _ in opened):
+        raise SweepError(f"{ref.sweep_id}: a report over seeds covers defense sweeps")
+    ref_cfg = ref.config()
+    searcher = next((st for st, cfg, _ in opened if st.sweep_id == ref.sweep_id and cfg.searches),
+                    next((st for st, cfg, _ in opened if cfg.searches), None))
+    selected, search_seed = {}, None
+    if searcher is not None:
+        _, cfg, runs = next(o for o in opened if o[0] is searcher)
+        selected, search_seed = build_best_configs(cfg, searcher.sweep_id, runs), cfg.seed
+    kinds = config_kinds(ref_cfg)
     frames, lines, seeds = [], [], []
-    for state in states:
-        _, cfg, runs = _open(state, workdir, tracking_uri, None)
+    for state, cfg, runs in opened:
+        best = build_best_configs(cfg, state.sweep_id, runs)
+        if state is not searcher and selected:
+            best = remeasured(cfg, runs, best, selected)
+        frames.append(results_long(cfg, runs, best, kinds).assign(seed=cfg.seed, sweep_id=state.sweep_id))
+        role = (" (the search)" if state is searcher else " (re-measures the search's selection)"
+                if selected and any(d.also_try for d in cfg.defenses) else "")
+        lines.append(f"- seed {cfg.seed}: sweep `{state.sweep_id}` ({state.data.get('status')}; "
+                     f"{_listed([a.name for a in cfg.attacks])}){role}")
         seeds.append(str(cfg.seed))
-        if cfg.kind == "attack":
-            raise SweepError(f"{state.sweep_id}: a report over seeds covers defense sweeps")
-        long = results_long(cfg, runs, build_best_configs(cfg, state.sweep_id, runs))
-        frames.append(long.assign(seed=cfg.seed, sweep_id=state.sweep_id))
-        lines.append(f"- seed {cfg.seed}: sweep `{state.sweep_id}` ({state.data.get('status')})")
         progress(f"seed {cfg.seed}: {state.sweep_id} ({state.data.get('status')})")
-    cfg = ref.config()
-    md, tables = seeds_markdown(cfg, pd.concat(frames, ignore_index=True))
+    md, tables = seeds_markdown(ref_cfg, pd.concat(frames, ignore_index=True), search_seed)
     out = ref.dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    header = [f"# {cfg.name} over seeds {', '.join(seeds)}", "", _setting(cfg), "",
-              f"Selection rule: {describe_rule(cfg.selection)}.", "", "Sweeps:", *lines, ""]
+    header = [f"# {ref_cfg.name} over seeds {', '.join(seeds)}", "", _setting(ref_cfg), "",
+              f"Selection rule: {describe_rule(ref_cfg.selection)}.", "", "Sweeps:", *lines, ""]
     path = out / "seeds.md"
     path.write_text("\n".join(header) + md)
     for name, frame in tables.items():
         frame.to_csv(out / f"{name}.csv", index=False)
     progress(f"report over {len(states)} seed(s): {path}")
     return path
+
+
+def replication_config(sweep_id_or_preset: str, seed: int, workdir: str | Path = "sweep-runs",
+                       tracking_uri: str | None = None):
+    """The sweep that re-measures a searched sweep's choices at another ``seed``: its config at
+    that seed, each searched defense trying the paper default and the configurations the sweep
+    selected (per attack) and nothing else, no cross-checks. Returns (config, the --set overrides
+    applied, one line per defense saying what it tries)."""
+    import json
+
+    from sweep.preset import config_with
+
+    workdir = Path(workdir).expanduser().resolve()
+    ref, _ = SweepState.seed_siblings(sweep_id_or_preset, workdir)
+    _, cfg, runs = _open(ref, workdir, tracking_uri, None)
+    if cfg.kind != "defense" or not cfg.searches:
+        raise SweepError(f"{ref.sweep_id}: replicate re-measures the configurations a defense search "
+                         f"selected, and this sweep searched nothing")
+    if seed == cfg.seed:
+        raise SweepError(f"{ref.sweep_id} ran at seed {seed}: replicate it at another seed")
+    best = build_best_configs(cfg, ref.sweep_id, runs)
+    sets, said = [f"seed={seed}", "search.cross_check=false"], []
+    for d in cfg.defenses:
+        if not d.searched:
+            continue
+        names = [x.name for x in d.space if not x.pinned]
+        default = {n: v for n, v in paper_default_params(d).items() if n in names}
+        points = []
+        for a, entry in best["defenses"][d.name]["per_attack"].items():
+            chosen = (entry or {}).get("best")
+            if chosen is None:
+                raise SweepError(f"{ref.sweep_id}: {a} x {d.name} has no selected configuration "
+                                 f"(no trial finished); resume that sweep first")
+            point = {n: chosen["params"][n] for n in names}
+            if point != default and point not in points:
+                points.append(point)
+        sets += [f"defenses.{d.name}.also_try={json.dumps(points)}", f"defenses.{d.name}.num_samples={1 + len(points)}"]
+        said.append(f"{d.name}: the paper default and {len(points)} selected configuration(s) on every attack")
+    return config_with(cfg, sets), sets, said

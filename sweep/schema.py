@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
 
 # per-method entry of ``attacks`` / ``defenses``
 _ATTACK_ENTRY = {"params": {}, "space": {}, "dataset": None, "num_samples": None, "budget": {}}
-_DEFENSE_ENTRY = {"params": {}, "space": {}, "num_samples": None}
+_DEFENSE_ENTRY = {"params": {}, "space": {}, "num_samples": None, "also_try": None}
 ANY = object()          # a mapping whose keys are checked later (method params, SGD fields, metrics)
 
 

@@ -16,7 +16,7 @@ from ray.tune.search.optuna import OptunaSearch
 from sweep import compat
 from sweep.config import SweepConfig
 from sweep.plan import PairPlan
-from sweep.spaces import first_point, optuna_space
+from sweep.spaces import try_point, first_point, optuna_space
 
 
 class FullyTrainedOptunaSearch(OptunaSearch):
@@ -95,7 +95,8 @@ def redact(url: str) -> str:
 
 def make_searcher(cfg: SweepConfig, pair: PairPlan, study_name: str, workdir: Path, index: int,
                   storage_url: str | None = None):
-    """OptunaSearch on the pair's space: both objectives, the paper default first, a named study
+    """OptunaSearch on the pair's space: both objectives, the paper default first (then the
+    preset's ``also_try`` points), a named study
     in the workdir's journal (or the RDB at ``storage_url``); trials stopped early are told
     PRUNED."""
     metrics = [m for m, _ in cfg.search.objectives]
@@ -103,7 +104,8 @@ def make_searcher(cfg: SweepConfig, pair: PairPlan, study_name: str, workdir: Pa
     dists = {d.name: d for d in pair.space}
     return FullyTrainedOptunaSearch(
         space=optuna_space(dists), metric=metrics if len(metrics) > 1 else metrics[0],
-        mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=[first_point(dists)],
+        mode=modes if len(modes) > 1 else modes[0],
+        points_to_evaluate=[first_point(dists), *(try_point(dists, c) for c in pair.also_try)],
         sampler=_sampler(cfg, index, pair.num_samples), study_name=study_name,
         storage=study_storage(workdir, storage_url))
 

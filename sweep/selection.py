@@ -18,6 +18,7 @@ per attack and across attacks. No Ray: the report and the runner's cross-check p
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from typing import Any
@@ -253,9 +254,28 @@ def build_best_configs(cfg, sweep_id: str, runs) -> dict:
 
 def _default_row(rows, dentry):
     """The trial run at the paper defaults (the first point of the search)."""
-    key = config_key(full_defense_params(dentry.name, paper_default_params(dentry)))
+    return keyed_row(rows, config_key(full_defense_params(dentry.name, paper_default_params(dentry))))
+
+
+def keyed_row(rows, key: str):
+    """The first finished, fully trained trial among ``rows`` run with the config ``key``."""
     hit = rows[(rows["config_key"] == key) & rows["candidate"]] if not rows.empty else rows
     return hit.sort_values("start_time").iloc[0] if not hit.empty else None
+
+
+def remeasured(cfg, runs, best: dict, selected: dict) -> dict:
+    """``best`` (``build_best_configs`` of a sweep at another seed) with each pair's ``best``
+    entry replaced by that sweep's trial of the configuration ``selected`` (the searching sweep's
+    best_configs) chose for the pair: the selected config re-measured, not re-selected."""
+    out = copy.deepcopy(best)
+    trials = runs[runs["ray_trial_id"] != ""] if not runs.empty else runs
+    for d in cfg.defenses:
+        chosen = (selected.get("defenses") or {}).get(d.name) or {}
+        for a, entry in out["defenses"][d.name]["per_attack"].items():
+            pick = ((chosen.get("per_attack") or {}).get(a) or {}).get("best")
+            rows = trials[(trials["defense"] == d.name) & (trials["attack"] == a)] if not trials.empty else trials
+            entry["best"] = _entry(keyed_row(rows, pick["config_key"]), cfg) if pick else None
+    return out
 
 
 def _entry(row, cfg, why: str | None = None) -> dict | None:

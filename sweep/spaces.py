@@ -262,6 +262,14 @@ def first_point(dists: dict[str, Dist]) -> dict:
             for n, d in dists.items() if not d.pinned}
 
 
+def try_point(dists: dict[str, Dist], values) -> dict:
+    """One of a preset's ``also_try`` points (sorted ``(name, value)`` pairs of searched
+    parameters) as a point to evaluate, encoded like ``first_point``."""
+    chosen = dict(values)
+    return {n: encode(frozen(chosen[n])) if d.type == "categorical" else chosen[n]
+            for n, d in dists.items() if not d.pinned}
+
+
 def encode(choice: Any) -> Any:
     """Optuna's categorical choices must be None/bool/int/float/str: a tuple choice (e.g. a subset
     of NBA's behaviours) is held as its comma-joined string and decoded in the trial."""

@@ -163,13 +163,22 @@ class SweepState:
         return max(mine, key=lambda s: (s.data.get("status") == "finished", s.data["created"]))
 
     @classmethod
-    def seed_siblings(cls, sweep_id_or_preset: str, workdir: Path) -> list["SweepState"]:
-        """The sweeps that repeat one experiment at other seeds: the sweep named (or the preset's
-        newest) and, for every other seed, the newest sweep of the same preset whose config differs
-        from it in the seed alone (finished ones first). Sorted by seed."""
-        ref = cls.named(sweep_id_or_preset, workdir)
-        key = ref.config().config_hash(ignore_seed=True)
-        per_seed: dict[int, SweepState] = {}
+    def seed_siblings(cls, sweep_id_or_preset: str, workdir: Path) -> tuple["SweepState", list["SweepState"]]:
+        """One experiment over seeds: (the reference, its sweeps sorted by seed). The reference is
+        the sweep named, or of a preset's sweeps the finished one that searched, over the most
+        attacks, newest. For every other seed: the sweep of the same preset that measures some of
+        its rows the same way (``SweepConfig.seed_free_hash``: the same config but the seed and the
+        search, over some of its attacks), preferring finished, then more attacks, then newer."""
+        if (workdir / "sweeps" / sweep_id_or_preset / "sweep.json").is_file():
+            ref = cls.named(sweep_id_or_preset, workdir)
+        else:
+            cls.named(sweep_id_or_preset, workdir)          # the error naming what is there, if none
+            ref = max((s for s in cls.all_in(workdir) if s.data.get("preset") == sweep_id_or_preset),
+                      key=lambda s: (s.data.get("status") == "finished", _searches(s),
+                                     len(s.data["config"].get("attacks", {})), s.data["created"]))
+        ref_cfg = ref.config()
+        ref_attacks = {a.name for a in ref_cfg.attacks}
+        per_seed: dict[int, tuple[tuple, SweepState]] = {}
         for s in cls.all_in(workdir):
             if s.data.get("preset") != ref.data.get("preset"):
                 continue
@@ -177,11 +186,18 @@ class SweepState:
                 cfg = s.config()
             except ConfigError:         # a sweep of an older, now invalid config: not a sibling
                 continue
-            if cfg.config_hash(ignore_seed=True) != key:
+            attacks = tuple(a.name for a in cfg.attacks)
+            if not set(attacks) <= ref_attacks or cfg.seed_free_hash() != ref_cfg.seed_free_hash(attacks):
                 continue
-            rank = (s.sweep_id == ref.sweep_id, s.data.get("status") == "finished", s.data["created"])
-            old = per_seed.get(cfg.seed)
-            if old is None or rank > (old.sweep_id == ref.sweep_id, old.data.get("status") == "finished",
-                                      old.data["created"]):
-                per_seed[cfg.seed] = s
-        return [per_seed[k] for k in sorted(per_seed)]
+            rank = (s.sweep_id == ref.sweep_id, s.data.get("status") == "finished", len(attacks), s.data["created"])
+            if cfg.seed not in per_seed or rank > per_seed[cfg.seed][0]:
+                per_seed[cfg.seed] = (rank, s)
+        return ref, [per_seed[k][1] for k in sorted(per_seed)]
+
+
+def _searches(state: SweepState) -> bool:
+    """Whether a sweep sampled configurations (not only the paper default and its ``also_try``)."""
+    try:
+        return state.config().searches
+    except ConfigError:
+        return False

@@ -69,9 +69,10 @@ def config_kinds(cfg) -> list[tuple[str, str]]:
     return kinds + [("paper_default", "paper-default config")]
 
 
-def results_long(cfg, runs, best):
+def results_long(cfg, runs, best, kinds: list[tuple[str, str]] | None = None):
     """One row per (attack, defense, config kind): our ASR / BA / RA (fractions), the paper's
-    ASR / BA (%) and ours minus the paper's (points); the no-defense row is the attack stage."""
+    ASR / BA (%) and ours minus the paper's (points); the no-defense row is the attack stage.
+    ``kinds``: the config kinds of ``best`` to show (default ``config_kinds(cfg)``)."""
     import pandas as pd
 
     table = load_table(cfg.paper_table) if cfg.paper_table else None
@@ -85,7 +86,7 @@ def results_long(cfg, runs, best):
         rows.append({"attack": a, "defense": NO_DEFENSE, "config": "-", "run_id": "",
                      **{k: number(m.get(k)) for k in ("asr", "ba", "ra")}})
         for d in cfg.defenses:
-            for kind, _ in config_kinds(cfg):
+            for kind, _ in kinds or config_kinds(cfg):
                 e = (best["defenses"][d.name]["per_attack"][a] or {}).get(kind) or {}
                 m = e.get("metrics", {})
                 rows.append({"attack": a, "defense": d.name, "config": kind, "run_id": e.get("run_id", ""),
@@ -289,19 +290,28 @@ def best_against_default(agg) -> list[dict]:
     return out
 
 
-def seeds_markdown(cfg, per_seed) -> tuple[str, dict]:
+def seeds_markdown(cfg, per_seed, search_seed: int | None = None) -> tuple[str, dict]:
     """The paper's layout over seeds: mean ± sample std per cell, the paper's numbers and the
     mean minus the paper's; then, where a defense was searched, its selected config against its
-    paper default. Returns (markdown, {csv name: DataFrame})."""
+    paper default on the seeds other than ``search_seed`` (where the selected config won a
+    selection on that very measurement). Returns (markdown, {csv name: DataFrame})."""
     import pandas as pd
 
     agg = aggregate_seeds(per_seed)
     md, frames = layout_tables(cfg, agg, _seeds_cell)
     md = _layout_intro(cfg, "ours as mean ± sample std over the seeds") + md
-    compared = best_against_default(agg)
+    if search_seed is not None and any(k == "best" for k, _ in config_kinds(cfg)):
+        md.insert(2, f"The selected configuration's cells include seed {search_seed}, where the search chose it "
+                     f"on that very measurement; the comparison below leaves that seed out.\n")
+    held_out = per_seed if search_seed is None else per_seed[per_seed["seed"] != search_seed]
+    compared = best_against_default(aggregate_seeds(held_out)) if not held_out.empty else []
     if compared:
         md.append("\n## The selected configuration against the paper default\n")
-        md.append("Mean over seeds, selected minus default, in points; spread = the two configs' sample "
+        seeds = ", ".join(str(x) for x in sorted(set(held_out["seed"])))
+        md.append((f"The search ran at seed {search_seed}; its selected configuration is compared here on the "
+                   f"other seeds ({seeds}), where it was re-measured, not selected. " if search_seed is not None
+                   else "") +
+                  f"Mean over {'those' if search_seed is not None else 'the'} seeds, selected minus default, in points; spread = the two configs' sample "
                   "stds added. \"better\": one metric gains beyond its spread and the other loses no more "
                   "than its spread.\n")
         body = [[c["attack"], c["defense"], f"{c['n_best']} / {c['n_default']}",

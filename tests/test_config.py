@@ -79,6 +79,14 @@ def test_presets_carry_the_papers_settings():
     ("quickstart", ["search.early_stopping.metric=loss"], "search.early_stopping.metric='loss' is not one of"),
     ("quickstart", ["search.early_stopping.mode=up"], "search.early_stopping.mode='up' is not one of"),
     ("quickstart", ["search.max_tuners=0"], "search.max_tuners=0 is below its minimum 1"),
+    ("quickstart", ["defenses.nba.also_try={lambda1: 1}"], "defenses.nba.also_try: expected a list of mappings"),
+    ("quickstart", ["defenses.nba.also_try=[{bogus: 1}]"], "defenses.nba.also_try[0]: 'bogus' is not a searched parameter here"),
+    ("quickstart", ["defenses.nba.also_try=[{beta: 1}, {lambda1: 30}]"],
+     "defenses.nba.also_try[1].lambda1: 30 is outside the searched range [0.5, 8.0]"),
+    ("quickstart", ["defenses.nba.also_try=[{beta: 1}, {beta: 1.5}, {beta: 2}]"],
+     "defenses.nba.num_samples: 3 trial(s) cannot hold the paper default and 3 also_try point(s)"),
+    ("quickstart", ["defenses.ft.space.lr=0.02", "defenses.ft.also_try=[{lr: 0.01}]"],
+     "defenses.ft.also_try[0]: 'lr' is not a searched parameter here (searched: "),
 ])
 def test_bad_input_is_one_clear_message_naming_it(name, overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -257,6 +265,34 @@ def test_config_is_frozen_and_hash_tracks_content():
         cfg.seed = 3
     assert load_preset("quickstart").config_hash() == cfg.config_hash()
     assert load_preset("quickstart", ["seed=1"]).config_hash() != cfg.config_hash()
+
+
+def test_also_try_points_follow_the_paper_default_and_leave_other_hashes_alone(tmp_path):
+    """``also_try`` (what ``replicate`` sets): points the search evaluates right after the paper
+    default, each completed with the paper defaults; a config without them hashes as before."""
+    from sweep.plan import make_plan
+    from sweep.searchers import make_searcher
+
+    cfg = load_preset("quickstart")
+    tried = load_preset("quickstart", ["defenses.nba.also_try=[{lambda1: 2.5, beta: 1.0}]"])
+    (point,) = tried.defense("nba").also_try
+    first = {d.name: d.default for d in cfg.defense("nba").space}
+    assert dict(point) == {**first, "lambda1": 2.5, "beta": 1.0}
+    assert tried.config_hash() != cfg.config_hash()
+    assert load_preset("quickstart", ["defenses.nba.also_try=[]"]).config_hash() == cfg.config_hash()
+    pair = next(p for p in make_plan(tried).pairs if p.key == "badnets__nba")
+    searcher = make_searcher(tried, pair, "study", tmp_path, 0)
+    assert [p["lambda1"] for p in searcher._points_to_evaluate] == [first["lambda1"], 2.5]
+    # a report over seeds groups what measures the same cells: seed and search aside, any attacks
+    same = load_preset("quickstart", ["seed=3", "search.num_samples=5", "defenses.nba.also_try=[{beta: 1.0}]",
+                                      "search.cross_check=false"])
+    assert same.seed_free_hash() == cfg.seed_free_hash()
+    assert load_preset("quickstart", ["clean_fraction=0.2"]).seed_free_hash() != cfg.seed_free_hash()
+    one_row = load_preset("quickstart", ["attacks.blend=null", "seed=1"])
+    assert one_row.seed_free_hash() == cfg.seed_free_hash(("badnets",)) != cfg.seed_free_hash()
+    assert tried.searches and not load_preset(
+        "quickstart", ["defenses.nba.also_try=[{beta: 1.0}]", "defenses.nba.num_samples=2", "defenses.ft.num_samples=1"]
+    ).searches
 
 
 def test_dry_run_counts_stages_and_trials_and_prices_them(tmp_path):

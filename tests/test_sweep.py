@@ -174,8 +174,9 @@ def test_a_report_over_seeds_gives_mean_and_std_and_says_whether_the_search_beat
 
 
 def test_the_repeats_of_a_sweep_at_other_seeds_are_found(tmp_path):
-    """``report --seeds`` groups the sweeps of one preset whose configs differ in the seed alone,
-    one per seed (the named sweep for its own seed; else finished before unfinished, newest first)."""
+    """``report --seeds`` groups the sweeps of one preset that measure the same cells at other
+    seeds: the config but the seed and the search settings, over all or some of the attacks (one
+    sweep per seed: the named one for its own seed; else finished, more attacks, newer first)."""
     from sweep.state import SweepState
 
     def made(overrides, status, created):
@@ -187,12 +188,20 @@ def test_the_repeats_of_a_sweep_at_other_seeds_are_found(tmp_path):
     s0 = made(["seed=0"], "finished", 1)
     s1_old = made(["seed=1"], "finished", 2)
     made(["seed=1"], "partial", 3)                               # newer, unfinished: not chosen
-    s2 = made(["seed=2"], "finished", 4)
-    made(["seed=1", "clean_fraction=0.2"], "finished", 5)       # another experiment
-    made(["seed=3", "search.num_samples=2"], "finished", 6)     # another experiment
-    got = [s.sweep_id for s in SweepState.seed_siblings(s0, tmp_path)]
-    assert got == [s0, s1_old, s2]
-    assert [s.sweep_id for s in SweepState.seed_siblings(s2, tmp_path)] == [s0, s1_old, s2]
+    s1_row = made(["seed=1", "attacks.blend=null"], "finished", 4)    # fewer rows than s1_old: not chosen
+    s2 = made(["seed=2", "attacks.blend=null"], "finished", 5)   # the BadNets row alone
+    made(["seed=1", "clean_fraction=0.2"], "finished", 6)       # another experiment
+    other = made(["seed=4", "attacks.badnets.params.patch_size=4"], "finished", 7)    # another BadNets stage
+    s3 = made(["seed=3", "search.num_samples=2", "search.cross_check=false",  # re-measures chosen configs
+               "defenses.nba.also_try=[{beta: 1.0}]", "defenses.ft.num_samples=1"], "finished", 8)
+    ref, got = SweepState.seed_siblings(s0, tmp_path)
+    assert ref.sweep_id == s0 and [s.sweep_id for s in got] == [s0, s1_old, s2, s3]
+    # named by its id, a sweep of fewer rows is the reference: only sweeps within its rows join it
+    ref, got = SweepState.seed_siblings(s2, tmp_path)
+    assert ref.sweep_id == s2 and [s.sweep_id for s in got] == [s1_row, s2]
+    # named by the preset: the newest finished sweep that searched (s3 did not), of the most attacks
+    ref, got = SweepState.seed_siblings("quickstart", tmp_path)
+    assert ref.sweep_id == other and [s.sweep_id for s in got] == [other]
 
 
 def test_every_paper_table_loads_and_the_presets_choose_theirs():

@@ -323,9 +323,12 @@ def test_a_failed_pair_makes_the_sweep_partial_and_resume_redoes_only_it(tmp_pat
     assert "failed_pairs" not in parent.data.tags
 
 
-def test_report_over_seeds_reads_each_seeds_sweep_from_mlflow(tmp_path, monkeypatch, capsys):
-    """The same tiny sweep at seeds 0 and 1 (FT: its paper default and one searched trial), then
-    ``report --seeds``: each cell is the mean ± std of the two sweeps' MLflow runs."""
+def test_replicate_remeasures_the_selected_config_at_another_seed_and_the_report_compares(
+        tmp_path, monkeypatch, capsys):
+    """A tiny search at seed 0 (FT: its paper default and one sampled lr), then ``replicate
+    quickstart --seed 1``: FT at seed 1 tries the paper default and seed 0's selected config and
+    nothing else. ``report --seeds`` takes each seed's cells from its sweep's MLflow runs, seed 1's
+    selected cell from the trial of seed 0's choice, and compares on seed 1 alone."""
     import pandas as pd
 
     from sweep.cli import main
@@ -334,31 +337,41 @@ def test_report_over_seeds_reads_each_seeds_sweep_from_mlflow(tmp_path, monkeypa
         monkeypatch.delenv(var, raising=False)
     sets = TINY + ["defenses.nba=null", "defenses.ft.num_samples=2", "defenses.ft.space.lr=[0.1, 0.2]",
                    "search.cross_check=false"]
-    for seed in (0, 1):
-        assert main(_args(tmp_path, sets + [f"seed={seed}"])) == 0, capsys.readouterr().err
+    assert main(_args(tmp_path, sets)) == 0, capsys.readouterr().err
     capsys.readouterr()
+    assert main(["replicate", "quickstart", "--seed", "0", "--workdir", str(tmp_path)]) == 2
+    assert "ran at seed 0: replicate it at another seed" in capsys.readouterr().err
+    assert main(["replicate", "quickstart", "--seed", "1", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "replicating quickstart at seed 1: ft: the paper default and " in out and "--set seed=1" in out
     assert main(["report", "quickstart", "--seeds", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "seed 0: quickstart-" in out and "seed 1: quickstart-" in out and "report over 2 seed(s)" in out
     assert "## Results in the layout of NBA Table 2" in out and "| badnets | " in out     # the tables, printed
     (md_path,) = tmp_path.glob("sweeps/*/report/seeds.md")
     md = md_path.read_text()
-    assert "over seeds 0, 1" in md and "± " in md
+    assert "over seeds 0, 1" in md and "(the search)" in md and "(re-measures the search's selection)" in md
+    assert "The search ran at seed 0" in md
     per_seed = pd.read_csv(md_path.parent / "seeds_long.csv")
+    ids = {seed: per_seed.loc[per_seed["seed"] == seed, "sweep_id"].iloc[0] for seed in (0, 1)}
+    best0 = yaml.safe_load((tmp_path / "sweeps" / ids[0] / "report" / "best_configs.yaml").read_text())
+    chosen = best0["defenses"]["ft"]["per_attack"]["badnets"]
+    c, runs = _all_runs(tmp_path)
+    ft1 = [r for r in runs if r.data.tags.get("sweep_id") == ids[1] and r.data.tags.get("defense") == "ft"
+           and r.data.tags.get("ray_trial_id")]
+    # seed 1 ran exactly the paper default and seed 0's choice (the same config when that was the default)
+    assert sorted(r.data.tags["config_key"] for r in ft1) == sorted(
+        {chosen["paper_default"]["config_key"], chosen["best"]["config_key"]})
+    rows = per_seed[(per_seed["defense"] == "ft") & (per_seed["config"] == "best")].set_index("seed")
+    assert rows.loc[0, "run_id"] == chosen["best"]["run_id"]          # seed 0: its own selection
+    (remeasured,) = [r for r in ft1 if r.data.tags["config_key"] == chosen["best"]["config_key"]]
+    assert rows.loc[1, "run_id"] == remeasured.info.run_id            # seed 1: the same config's trial there
+    assert rows.loc[1, "ba"] == pytest.approx(remeasured.data.metrics["ba"])
     summary = pd.read_csv(md_path.parent / "seeds_summary.csv").set_index(["attack", "defense", "config"])
-    # each seed's numbers are the ones its own sweep's report selected from MLflow
-    for seed in (0, 1):
-        sweep_id = per_seed.loc[per_seed["seed"] == seed, "sweep_id"].iloc[0]
-        best = yaml.safe_load((tmp_path / "sweeps" / sweep_id / "report" / "best_configs.yaml").read_text())
-        chosen = best["defenses"]["ft"]["per_attack"]["badnets"]["best"]
-        row = per_seed[(per_seed["seed"] == seed) & (per_seed["defense"] == "ft") & (per_seed["config"] == "best")]
-        assert row["ba"].iloc[0] == pytest.approx(chosen["metrics"]["ba"])
-        assert row["run_id"].iloc[0] == chosen["run_id"]
-    ft = per_seed[(per_seed["defense"] == "ft") & (per_seed["config"] == "best")]["ba"]
     assert summary.loc[("badnets", "ft", "best"), "n"] == 2
-    assert summary.loc[("badnets", "ft", "best"), "ba_mean"] == pytest.approx(ft.mean())
-    assert summary.loc[("badnets", "ft", "best"), "ba_std"] == pytest.approx(ft.std(ddof=1))
-    assert (md_path.parent / "best_vs_default.csv").is_file()       # FT was searched: the comparison
+    assert summary.loc[("badnets", "ft", "best"), "ba_mean"] == pytest.approx(rows["ba"].mean())
+    compared = pd.read_csv(md_path.parent / "best_vs_default.csv")
+    assert compared["n_best"].tolist() == [1] and compared["n_default"].tolist() == [1]    # seed 1 alone
 
 
 def test_a_sweep_whose_every_stage_fails_exits_nonzero(tmp_path, monkeypatch, capsys):
