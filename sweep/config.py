@@ -63,10 +63,6 @@ class DefenseEntry:
     def params_dict(self) -> dict[str, Any]:
         return thaw(self.params)
 
-    def also_try_params(self) -> list[dict[str, Any]]:
-        """Each ``also_try`` point as a trial runs it: the fixed parameters plus its searched values."""
-        return [{**self.params_dict, **thaw(c)} for c in self.also_try]
-
 
 @dataclass(frozen=True)
 class EarlyStopping:

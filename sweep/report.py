@@ -137,12 +137,12 @@ def make_seeds_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs
     opened = [(state, *_open(state, workdir, tracking_uri, None)[1:]) for state in states]
     if any(cfg.kind == "attack" for _, cfg, _ in opened):
         raise SweepError(f"{ref.sweep_id}: a report over seeds covers defense sweeps")
-    ref_cfg = ref.config()
-    searcher = next((st for st, cfg, _ in opened if st.sweep_id == ref.sweep_id and cfg.searches),
-                    next((st for st, cfg, _ in opened if cfg.searches), None))
-    selected, search_seed = {}, None
-    if searcher is not None:
-        _, cfg, runs = next(o for o in opened if o[0] is searcher)
+    ref_cfg = next(cfg for st, cfg, _ in opened if st.sweep_id == ref.sweep_id)
+    # whose selection the others re-measure: the reference if it searched, else the first that did
+    searching = sorted((o for o in opened if o[1].searches), key=lambda o: o[0].sweep_id != ref.sweep_id)
+    searcher, selected, search_seed = None, {}, None
+    if searching:
+        searcher, cfg, runs = searching[0]
         selected, search_seed = build_best_configs(cfg, searcher.sweep_id, runs), cfg.seed
     kinds = config_kinds(ref_cfg)
     frames, lines, seeds = [], [], []
