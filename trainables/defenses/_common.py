@@ -8,7 +8,8 @@
 * ``make_teacher(model, clean, cfg, ctx)``: a fine-tuned, frozen, eval-mode copy (the teacher);
 * ``per_group(weights, n)``: per-layer-group loss weights for a model with ``n`` groups;
 * ``check_lr_steps(p)``, ``student_sgd(p)``, ``teacher_sgd(p)``: the SGD settings NAD and ARGD
-  share (NBA's teacher too), read from the method's own ``Params``;
+  share (NBA's teacher too), read from the method's own ``Params``; ``distillation_cost(p, n,
+  student_passes)``: the cost of a teacher's fine-tuning followed by a student's distillation;
 * ``complement(n, index)``: the indices of ``range(n)`` not in ``index`` (ABL's and DLP's split);
 * ``unlearning_loss``: gradient ascent, the engine ``loss_fn`` of ABL's unlearning and DLP's AU;
   ``unlearn(...)``: that ascent with the BatchNorm handling both methods offer (``UNLEARN_BN``).
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.data.base import ImageSet
-from trainables.defenses.base import DefenseContext
+from trainables.defenses.base import Cost, DefenseContext
 from trainables.engine import SGDConfig, prepare, train
 from trainables.losses import recalibrate_bn
 
@@ -90,6 +91,14 @@ def teacher_sgd(p, momentum: float = 0.9) -> SGDConfig:
     """NAD's teacher fine-tuning (ARGD's and NBA's too): constant lr ``p.teacher_lr``, nesterov."""
     return SGDConfig(epochs=p.teacher_epochs, lr=p.teacher_lr, batch_size=p.batch_size, momentum=momentum,
                      weight_decay=p.weight_decay, nesterov=True, schedule="constant")
+
+
+def distillation_cost(p, n_images: int, student_passes: float = 4 / 3) -> Cost:
+    """The teacher's ``p.teacher_epochs`` of fine-tuning, then ``p.epochs`` of the student, each
+    student epoch ``student_passes`` passes over the data (by default its forward + backward and
+    the frozen teacher's forward, counted as 1/3 of a pass)."""
+    return Cost(passes=(p.teacher_epochs + p.epochs * student_passes) * n_images,
+                logged_epochs=p.teacher_epochs + p.epochs)
 
 
 # ----------------------------------------------------------------------------- unlearning

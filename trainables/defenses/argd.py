@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.defenses._common import (check_lr_steps, epoch_logger, make_teacher, per_group,
-                                         student_sgd, teacher_sgd)
+from trainables.defenses._common import (check_lr_steps, distillation_cost, epoch_logger,
+                                         make_teacher, per_group, student_sgd, teacher_sgd)
 from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import prepare, train
 from trainables.losses import attention_map
@@ -190,9 +190,7 @@ class ARGD(Defense):
 
     @classmethod
     def cost(cls, p, n_images: int) -> Cost:
-        # the teacher's fine-tuning, then the student (the teacher's forward counted as 1/3)
-        return Cost(passes=(p.teacher_epochs + p.epochs * 4 / 3) * n_images,
-                    logged_epochs=p.teacher_epochs + p.epochs)
+        return distillation_cost(p, n_images)
 
     def run(self, ctx: DefenseContext) -> nn.Module:
         p = self.params

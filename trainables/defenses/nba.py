@@ -128,7 +128,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.defenses._common import epoch_logger, make_teacher, teacher_sgd
+from trainables.defenses._common import distillation_cost, epoch_logger, make_teacher, teacher_sgd
 from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import SGDConfig, generator, prepare, train
 from trainables.losses import fsp_loss, frozen_bn_stats, gram_style_loss, kd_loss, pgd_untargeted
@@ -328,9 +328,7 @@ class NBA(Defense):
     def cost(cls, p, n_images: int) -> Cost:
         # the teacher; then per student step: the clean pass, each PGD step (a forward and a
         # backward through the student) and the pass on x + delta; the teacher's forwards at 1/3
-        student = 2 + p.pgd_steps + 2 / 3
-        return Cost(passes=(p.teacher_epochs + p.epochs * student) * n_images,
-                    logged_epochs=p.teacher_epochs + p.epochs)
+        return distillation_cost(p, n_images, student_passes=2 + p.pgd_steps + 2 / 3)
 
     def run(self, ctx: DefenseContext) -> nn.Module:
         p = self.params
