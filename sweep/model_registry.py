@@ -7,6 +7,11 @@ at the across-attacks choice on the preset's first attack, or, with one attack, 
 choice. Each version's tags carry the configuration, its BA/ASR/RA/DER, the attack and the sweep
 id. ``trainables.load_model("models:/<preset>-<defense>@best")`` loads it.
 
+Only a sweep that searched moves the aliases. A sweep that searched nothing (a ``replicate`` at
+another seed, a table of paper defaults) re-measures: it registers its versions but sets only the
+aliases a model lacks, so ``@best`` stays with the configuration a search chose, not with
+whichever re-measured configuration won on a held-out seed.
+
 A version's source is the trial run's ``model/`` artifact folder (the state_dict ``model.pt``,
 ``spec.json``, ``metrics.json``), made an MLflow model by an ``MLmodel`` file naming the
 ``backdoor_sweep`` flavour. Nothing in it is pickled code: loading rebuilds the architecture
@@ -57,8 +62,9 @@ def _version(tracker, name: str, entry: dict, tags: dict) -> str | None:
     return version.version
 
 
-def register_best(tracker, cfg, sweep_id: str, best: dict, progress=print) -> dict:
-    """Register the selected models of every defense; returns name -> {alias: version}."""
+def register_best(tracker, cfg, sweep_id: str, best: dict, progress=print, move_aliases: bool = True) -> dict:
+    """Register the selected models of every defense; returns name -> {alias: version} of the
+    aliases set. With ``move_aliases`` False, an alias the model already has is left as it is."""
     from mlflow.exceptions import MlflowException
 
     out = {}
@@ -85,12 +91,19 @@ def register_best(tracker, cfg, sweep_id: str, best: dict, progress=print) -> di
         main = aliases.get(f"best-across-{attacks[0]}") or aliases.get(f"best-{attacks[0]}")
         if main:
             aliases["best"] = main
-        aliases = {k: v for k, v in aliases.items() if v}
+        versions = sorted({int(v) for v in aliases.values() if v})
+        existing = {} if move_aliases else tracker.client.get_registered_model(name).aliases
+        kept = sorted(k for k, v in aliases.items() if v and k in existing)
+        aliases = {k: v for k, v in aliases.items() if v and k not in existing}
         for alias, version in aliases.items():
             tracker.client.set_registered_model_alias(name, alias, version)
         if aliases:
             out[name] = aliases
-            progress(f"registered {name}: " + ", ".join(f"@{a} = v{v}" for a, v in sorted(aliases.items())))
+        if versions:
+            said = [f"@{a} = v{v}" for a, v in sorted(aliases.items())]
+            if kept:
+                said.append("@" + ", @".join(kept) + " left where an earlier sweep set them")
+            progress(f"registered {name}: versions {', '.join(f'v{v}' for v in versions)}; " + "; ".join(said))
     return out
 
 

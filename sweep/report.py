@@ -94,7 +94,9 @@ def make_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tra
     out.mkdir(parents=True, exist_ok=True)
     best = build_best_configs(cfg, state.sweep_id, runs)
     if cfg.kind == "defense":
-        best["registered_models"] = register_best(tracker, cfg, state.sweep_id, best, progress)
+        # a sweep that searched nothing re-measures: its versions join, the search's @best stays
+        best["registered_models"] = register_best(tracker, cfg, state.sweep_id, best, progress,
+                                                  move_aliases=cfg.searches)
     files = [out / "best_configs.yaml"]
     (out / "best_configs.yaml").write_text(yaml.safe_dump(best, sort_keys=False, width=110))
     md, tables = tables_markdown(cfg, runs, best)

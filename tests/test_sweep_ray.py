@@ -372,6 +372,11 @@ def test_replicate_remeasures_the_selected_config_at_another_seed_and_the_report
     assert summary.loc[("badnets", "ft", "best"), "ba_mean"] == pytest.approx(rows["ba"].mean())
     compared = pd.read_csv(md_path.parent / "best_vs_default.csv")
     assert compared["n_best"].tolist() == [1] and compared["n_default"].tolist() == [1]    # seed 1 alone
+    # the replication registered its models, but @best stays with seed 0's search
+    assert c.get_model_version_by_alias("quickstart-ft", "best").run_id == chosen["best"]["run_id"]
+    assert {v.tags["sweep_id"] for v in c.search_model_versions("name='quickstart-ft'")} == {ids[0], ids[1]}
+    best1 = yaml.safe_load((tmp_path / "sweeps" / ids[1] / "report" / "best_configs.yaml").read_text())
+    assert "quickstart-ft" not in best1["registered_models"]
 
 
 def test_a_sweep_whose_every_stage_fails_exits_nonzero(tmp_path, monkeypatch, capsys):
