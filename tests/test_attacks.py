@@ -160,6 +160,23 @@ def test_clean_label_rate_beyond_the_target_class_is_refused(name, data):
         attack.select(data.train.y)
 
 
+@pytest.mark.parametrize("name", ["cla", "sig", "refool"])
+def test_the_whole_set_draw_poisons_the_target_class_images_of_a_draw_over_every_image(name, data):
+    """``poison_draw=whole-set``: rate·N indices over the whole set, of which the target-class
+    ones are poisoned (about rate·N / classes); ``target-class``: rate·N target-class images."""
+    y = data.train.y
+    n = round(0.08 * len(y))
+    whole = make(name, data, poison_draw="whole-set").select(y)
+    per_class = make(name, data).select(y)
+    drawn = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:n]
+    assert torch.equal(whole, drawn[y[drawn] == 0].sort().values)
+    assert bool((y[whole] == 0).all()) and len(per_class) == n
+    assert 0.5 * n / 10 < len(whole) < 2 * n / 10                       # ~ a tenth of the draw
+    assert torch.equal(whole, make(name, data, poison_draw="whole-set").select(y))   # seeded
+    with pytest.raises(ParamError, match="poison_draw"):
+        make(name, data, poison_draw="all")
+
+
 # ============================================================================ triggers
 
 @pytest.mark.parametrize("pattern, expected", [
@@ -311,6 +328,26 @@ def test_trojannn_drives_the_strongest_units_up_inside_the_mask(data, rt, untrai
         before = untrained.penultimate(x.to(rt.device))[:, units].mean(0)
         after = untrained.penultimate(out.to(rt.device))[:, units].mean(0)
     assert bool((after > before).all())                                     # on unseen images too
+
+
+def test_trojannn_reference_geometry_adds_a_small_patch_inside_the_corner(data, rt, untrained):
+    """patch_size 3, margin 4, blend add: the trigger lives on rows/cols 25-27, is added to the
+    image and clipped, and its fitting still drives the chosen units up."""
+    attack, _ = fitted("trojannn", data, rt, untrained, steps=10, opt_images=4, patch_size=3, margin=4,
+                       blend="add")
+    s = attack.state
+    inside = torch.zeros(3, 32, 32, dtype=torch.bool)
+    inside[:, 25:28, 25:28] = True
+    assert torch.equal(s["mask"][0].bool(), inside[0])
+    assert s["pattern"][~inside].abs().sum() == 0 and s["pattern"][inside].abs().sum() > 0
+    assert bool((s["activation"] > s["clean_activation"]).all())
+    x = images(data)
+    out = attack.apply(x)
+    assert torch.equal(out[:, ~inside], x[:, ~inside])
+    expected = (x + s["pattern"]).clamp(0, 1)
+    assert torch.allclose(out[:, inside], expected[:, inside])
+    pasted = fitted("trojannn", data, rt, untrained, steps=10, opt_images=4, patch_size=3, margin=4)[0]
+    assert torch.allclose(pasted.apply(x)[:, inside], pasted.state["pattern"][inside].expand(len(x), -1))
 
 
 def test_trojannn_without_fit_says_so(data):

@@ -182,9 +182,14 @@ def generator(rt: Runtime, seed: int) -> torch.Generator:
 
 @dataclass(frozen=True)
 class SGDConfig:
-    """SGD with momentum and a per-epoch schedule. The defaults are the usual setting for training
-    the backdoored CIFAR model: lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, 100 epochs,
-    cosine decay.
+    """SGD with momentum, a per-epoch schedule and how the data is fed. The defaults are the
+    ``standard`` recipe of ``trainables.recipes`` (our choice, the usual CIFAR setting): lr 0.1,
+    momentum 0.9, weight decay 5e-4, batch 128, 100 epochs, cosine decay, random crop + flip,
+    shuffled batches. ``trainables.recipes`` names the others (``reference``: NAD's and ARGD's).
+
+    augment: random crop (4-pixel padding) + horizontal flip on every batch.
+    shuffle: a new seeded batch order every epoch; off, the batches follow the training set's
+    order (poisoned images stay where the poison draw put them).
 
     schedule: ``cosine`` | ``constant`` | ``multistep`` (lr × gamma at each milestone) |
     ``piecewise`` (lr becomes ``lr_values[i]`` at ``milestones[i]``, e.g. NAD's 0.1→0.01→1e-4).
@@ -202,6 +207,8 @@ class SGDConfig:
     lr_values: tuple[float, ...] = ()
     max_grad_norm: float | None = None     # clip the global gradient norm; None = off (the papers')
     warmup_epochs: int | None = None       # linear warm-up: epoch e < w runs at (e+1)/(w+1) of the schedule's lr
+    augment: bool = True
+    shuffle: bool = True
 
     def __post_init__(self):
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -291,7 +298,7 @@ class StopTraining(Exception):
 
 
 def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed: int,
-          loss_fn: LossFn = cross_entropy_loss, augment: bool = True,
+          loss_fn: LossFn = cross_entropy_loss, augment: bool | None = None,
           params: Iterable[torch.nn.Parameter] | None = None,
           on_epoch: EpochHook | None = None, progress: Callable[[str], None] | None = None,
           train_mode: bool = True, checkpoint: EpochCheckpoint | None = None,
@@ -299,6 +306,8 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
     """Train ``model`` in place for ``cfg.epochs`` epochs; return the per-epoch history.
 
     ``loss_fn`` returns the loss to minimise and a dict of terms to average and log.
+    ``augment`` (None: ``cfg.augment``) lets a method fix its own augmentation whatever the
+    recipe; the batch order follows ``cfg.shuffle``.
     ``on_epoch(epoch, logs)`` runs after every epoch (evaluation, reporting); what it returns is
     merged into that epoch's history entry; it may raise ``StopTraining``. ``params`` restricts
     what the optimiser updates. ``generators``: those the loss draws from (PGD starts, sampled
@@ -311,6 +320,7 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
     from trainables.checkpoint import next_phase
 
     checkpoint = checkpoint if checkpoint is not None else next_phase()
+    augment = cfg.augment if augment is None else augment
     data = on_device(data, rt)
     gen = generator(rt, seed)
     trained = list(params) if params is not None else list(model.parameters())
@@ -329,7 +339,8 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
         set_lr(opt, cfg.lr_at(epoch))
         model.train(train_mode)
         stats, start = EpochStats(), time.perf_counter()
-        for x, y, idx in batches(data.x, data.y, cfg.batch_size, generator=gen, shuffle=True, augment=augment):
+        for x, y, idx in batches(data.x, data.y, cfg.batch_size, generator=gen, shuffle=cfg.shuffle,
+                                 augment=augment):
             with autocast(rt):
                 loss, logs = loss_fn(model, _fmt(x, rt), y, idx)
             opt.zero_grad(set_to_none=True)

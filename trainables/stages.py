@@ -35,12 +35,14 @@ from trainables.engine import Runtime, SGDConfig, TrainingDiverged, pick_runtime
 from trainables.metrics import backdoor_metrics, der
 from trainables.models import build_model, list_models
 from trainables.params import ParamError, as_dict, frozen, make_params
+from trainables.recipes import expand_recipe
 from trainables.storage import open_storage
 from trainables.rundir import (CheckpointError, load_model, load_model_file, load_state_dict,
                                model_spec, read_json, write_run_dir)
 from trainables.version import code_version
 
 STANDARD_FILES = ("model.pt", "spec.json", "metrics.json")
+_KEYED_WHEN_OFF = ("augment", "shuffle")
 
 
 # ============================================================================ specs
@@ -57,10 +59,11 @@ class AttackStageSpec:
     seed: int = 0
 
     def key(self) -> dict:
-        # optional training features that are off (None) leave the key unchanged, so adding one
-        # to SGDConfig does not rename every cached stage
+        # optional training features that are off (None), and the data feeding at its default
+        # (crop + flip, shuffled), stay out of the key: a key names what departs from the loop
         key = {"stage": "attack", **dataclasses.asdict(self)}
-        key["train"] = {k: v for k, v in self.train.items() if v is not None}
+        key["train"] = {k: v for k, v in self.train.items()
+                        if v is not None and not (k in _KEYED_WHEN_OFF and v is True)}
         return key
 
     def hash(self) -> str:
@@ -117,7 +120,7 @@ def resolve_attack_stage(dataset: str, model: str, attack: str, attack_params: d
         except KeyError as e:
             raise ParamError(str(e.args[0])) from None
         params = as_dict(make_params(cls.Params, attack_params, where=f"attack.{attack}: "))
-    sgd = make_params(SGDConfig, train, where="train: ")
+    sgd = make_params(SGDConfig, expand_recipe(train or {}, where="train"), where="train: ")
     return AttackStageSpec(dataset, model, attack, params, as_dict(sgd), int(seed))
 
 

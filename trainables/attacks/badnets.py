@@ -48,16 +48,18 @@ class Params(AttackParams):
 
 # ============================================================================ shared patch helpers
 
-def corner_mask(image_size: int, patch_size: int, corner: str = "bottom-right") -> torch.Tensor:
+def corner_mask(image_size: int, patch_size: int, corner: str = "bottom-right", margin: int = 0) -> torch.Tensor:
     """1×H×W mask that is 1 on the ``patch_size``×``patch_size`` square in ``corner``
-    (``top-left``, ``top-right``, ``bottom-left``, ``bottom-right``)."""
+    (``top-left``, ``top-right``, ``bottom-left``, ``bottom-right``), ``margin`` pixels in from
+    both of that corner's edges."""
     if corner not in CORNERS:
         raise ValueError(f"unknown corner {corner!r}; known: {', '.join(CORNERS)}")
-    if not 1 <= patch_size <= image_size:
-        raise ValueError(f"patch_size={patch_size} does not fit a {image_size}×{image_size} image")
+    if not 1 <= patch_size <= image_size - margin or margin < 0:
+        raise ValueError(f"patch_size={patch_size} with margin={margin} does not fit a {image_size}×{image_size} image")
     mask = torch.zeros(1, image_size, image_size)
-    rows = slice(0, patch_size) if corner.startswith("top") else slice(image_size - patch_size, image_size)
-    cols = slice(0, patch_size) if corner.endswith("left") else slice(image_size - patch_size, image_size)
+    near, far = slice(margin, margin + patch_size), slice(image_size - margin - patch_size, image_size - margin)
+    rows = near if corner.startswith("top") else far
+    cols = near if corner.endswith("left") else far
     mask[:, rows, cols] = 1.0
     return mask
 

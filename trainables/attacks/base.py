@@ -28,6 +28,21 @@ class AttackParams:
     poison_seed: int = param(0, "seed of the poisoned-index draw and of any randomness in the trigger")
 
 
+POISON_DRAWS = ("target-class", "whole-set")
+
+
+@dataclass(frozen=True)
+class CleanLabelParams(AttackParams):
+    """Parameters every clean-label attack has: how many target-class images it poisons."""
+
+    poison_rate: float = param(0.08, "poisoned fraction of the WHOLE training set, all from the target "
+                                     "class (NBA Table 1: 0.08)", low=0.0, high=1.0)
+    poison_draw: str = param("target-class", "target-class: rate·N target-class images | whole-set: draw "
+                                             "rate·N images over the whole set and poison the target-class "
+                                             "ones among them (~rate·N/classes; the NAD/ABL/ARGD code)",
+                             choices=POISON_DRAWS)
+
+
 @dataclass
 class FitContext:
     """What an attack's fitting step may use."""
@@ -75,11 +90,18 @@ class Attack:
         """Sorted indices of the training images to poison (seeded by ``poison_seed``).
 
         Poison-label attacks draw ``rate·N`` images among the non-target ones (relabelling a
-        target image changes nothing); clean-label attacks draw only target-class images.
+        target image changes nothing); clean-label attacks draw only target-class images:
+        ``rate·N`` of them (``poison_draw="target-class"``), or the target-class images among
+        ``rate·N`` drawn over the whole set (``"whole-set"``, the draw of NAD's, ABL's and ARGD's
+        reference code: NAD ``data_loader.py`` line 155 draws the permutation over the whole
+        set, lines 226-236 trigger only the target-class images in it).
         """
         gen = torch.Generator().manual_seed(self.params.poison_seed)
         labels = labels.cpu()
         n = round(self.params.poison_rate * len(labels))
+        if self.kind == "clean-label" and getattr(self.params, "poison_draw", "target-class") == "whole-set":
+            drawn = torch.randperm(len(labels), generator=gen)[:n]
+            return drawn[labels[drawn] == self.params.target].sort().values
         if self.kind == "clean-label":
             pool = torch.nonzero(labels == self.params.target).flatten()
         else:

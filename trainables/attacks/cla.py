@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 
 from trainables.attacks.badnets import CORNERS, corner_mask, paste
-from trainables.attacks.base import Attack, AttackParams, FitContext
+from trainables.attacks.base import Attack, CleanLabelParams, FitContext
 from trainables.data.base import Dataset, ImageSet
 from trainables.data.loader import to_float, to_uint8
 from trainables.engine import autocast, generator
@@ -50,9 +50,7 @@ PGD_BATCH = 256
 
 
 @dataclass(frozen=True)
-class Params(AttackParams):
-    poison_rate: float = param(0.08, "poisoned fraction of the WHOLE training set, all from the target "
-                                     "class (NBA Table 1: 0.08)", low=0.0, high=1.0)
+class Params(CleanLabelParams):
     eps: float = param(8 / 255, "L∞ budget ε of the PGD perturbation, [0,1] pixel units (Turner et al.: "
                                 "8/255, also 16/255)", low=0.0, high=1.0)
     step: float = param(2 / 255, "PGD step size (default 2/255; 1.5/255 also used)", low=0.0, high=1.0)

@@ -41,7 +41,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from trainables.attacks.base import Attack, AttackParams
+from trainables.attacks.base import Attack, CleanLabelParams
 from trainables.data._images import IMG_EXTENSIONS, decode_files
 from trainables.data.base import DataError, Dataset
 from trainables.data.loader import to_float, to_uint8
@@ -50,9 +50,7 @@ from trainables.registry import register_attack
 
 
 @dataclass(frozen=True)
-class Params(AttackParams):
-    poison_rate: float = param(0.08, "poisoned fraction of the WHOLE training set, all from the target "
-                                     "class (NBA Table 1: 0.08)", low=0.0, high=1.0)
+class Params(CleanLabelParams):
     reflection_dir: str | None = param(None, "folder of reflection images (any image files, resized); "
                                              "None = a generated pool (paper: PascalVOC images)")
     pool_size: int = param(200, "reflection images in the pool (generated, or drawn from the folder; "

@@ -23,16 +23,14 @@ from typing import ClassVar
 
 import torch
 
-from trainables.attacks.base import Attack, AttackParams
+from trainables.attacks.base import Attack, CleanLabelParams
 from trainables.data.base import Dataset
 from trainables.params import param
 from trainables.registry import register_attack
 
 
 @dataclass(frozen=True)
-class Params(AttackParams):
-    poison_rate: float = param(0.08, "poisoned fraction of the WHOLE training set, all from the target "
-                                     "class (NBA Table 1: 0.08)", low=0.0, high=1.0)
+class Params(CleanLabelParams):
     delta_train: float = param(20 / 255, "signal amplitude Δ on poisoned training images, [0,1] units "
                                          "(Barni et al.: 20/255)", low=0.0, high=1.0)
     delta_test: float = param(20 / 255, "signal amplitude Δ on test images (20/255 = the training "
