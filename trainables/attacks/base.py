@@ -89,6 +89,12 @@ class Attack:
     def select(self, labels: torch.Tensor) -> torch.Tensor:
         """Sorted indices of the training images to poison (seeded by ``poison_seed``).
 
+        Args:
+            labels: the training set's labels, one per image.
+
+        Returns:
+            A sorted 1-D index tensor into the training set.
+
         Poison-label attacks draw ``rate·N`` images among the non-target ones (relabelling a
         target image changes nothing); clean-label attacks draw only target-class images:
         ``rate·N`` of them (``poison_draw="target-class"``), or the target-class images among
@@ -113,7 +119,13 @@ class Attack:
 
     # -- 2. optional fitting (TrojanNN, CLA, CheatKD) -------------------------------------------
     def fit(self, ctx: FitContext, train: ImageSet, index: torch.Tensor) -> None:
-        """Fit the trigger or perturbations; store what the trigger needs in ``self.state``."""
+        """Fit the trigger or perturbations; store what the trigger needs in ``self.state``.
+
+        Args:
+            ctx: the runtime, the dataset, the seed and a cached clean model of the same setting.
+            train: the clean training set (uint8).
+            index: the images ``select`` chose to poison.
+        """
 
     def initial_model(self, ctx: FitContext) -> nn.Module | None:
         """The trained model the backdoored model starts from, or None for a fresh model from the
@@ -127,12 +139,29 @@ class Attack:
 
     # -- 3. the trigger ----------------------------------------------------------------------
     def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Put the trigger on a float ``[0, 1]`` batch (test time, and training by default)."""
+        """Put the trigger on a batch (test time, and training by default).
+
+        Args:
+            x: float ``[0, 1]`` images, NCHW.
+            generator: the seeded generator of any per-image randomness (Refool's reflections).
+
+        Returns:
+            The triggered batch, float ``[0, 1]``, the shape of ``x``.
+        """
         raise NotImplementedError  # every registered attack overrides this
 
     def poison(self, x: torch.Tensor, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The training-set version of the trigger for images at ``index`` (CLA adds its
-        adversarial perturbation first); the trigger itself by default."""
+        """The training-set version of the trigger (CLA adds its adversarial perturbation
+        first); the trigger itself by default.
+
+        Args:
+            x: float ``[0, 1]`` images, NCHW: the training images at ``index``.
+            index: their indices in the training set.
+            generator: as in ``apply``.
+
+        Returns:
+            The poisoned batch, float ``[0, 1]``, the shape of ``x``.
+        """
         return self.apply(x, generator)
 
     def post_train(self, ctx: FitContext, model: nn.Module, model_spec: dict, train: ImageSet,

@@ -48,7 +48,16 @@ class DefenseContext:
         """Record one epoch: the defense's own terms plus (if ``model``) test metrics for the
         log. Every defense calls this once per epoch; the stage forwards it to Tune/MLflow.
         A retried trial replaying what its earlier attempt logged logs nothing (the entries are
-        in its restored history: ``trainables.checkpoint``)."""
+        in its restored history: ``trainables.checkpoint``).
+
+        Args:
+            stage: the phase of the defense the epoch belongs to (``"teacher"``, ``"nba"``, ...).
+            logs: the epoch's own figures (losses, lr, ...), floats.
+            model: the model to measure on the test subset for the log; None for no test metrics.
+
+        Returns:
+            The recorded entry: ``stage``, ``logs``, the test metrics and its ``step`` (1-based).
+        """
         entry = {"stage": stage, **logs}
         if replaying():
             return entry
@@ -83,9 +92,27 @@ class Defense:
 
     @classmethod
     def cost(cls, params, n_images: int) -> Cost:
-        """The cost of one run at ``params`` with ``n_images`` training images (the clean subset,
-        or the poisoned training set of a training-time defense). Every defense states its own."""
+        """The cost of one run, for ``--dry-run``'s estimate. Every defense states its own.
+
+        Args:
+            params: the defense's ``Params``.
+            n_images: the images it trains on: the clean subset, or the poisoned training set of
+                a training-time defense.
+
+        Returns:
+            The images through forward + backward passes and the epochs that log test metrics.
+        """
         raise NotImplementedError(f"defense {cls.name} does not state its cost")
 
     def run(self, ctx: DefenseContext) -> nn.Module:
+        """Repair the suspicious model, or train a new one from the poisoned set.
+
+        Args:
+            ctx: ``ctx.model`` and ``ctx.clean`` for a post-training defense, ``ctx.train`` for a
+                training-time one; logging (``ctx.log_epoch``) and a model factory
+                (``ctx.build_model``). Never the test set.
+
+        Returns:
+            The defended model, in eval mode or not (the stage evaluates it in eval mode).
+        """
         raise NotImplementedError  # every registered defense overrides this
