@@ -64,8 +64,9 @@ What the paper leaves open, and what this implementation chose
   D'_p included ("D_o − D'_c"); ``without_dp`` also leaves D'_p out, for clean-label attacks
   (SIG), where D'_p's pseudo-labels are its true labels and re-teach the trigger. Measured on
   CIFAR-10 SIG (3 ASSFT epochs, ``all``): AU takes ASR to 0, ASSFT brings it back to 72.76 (BA
-  59.82) with the former D'_c/τ and to 92.01 (BA 70.30) with the defaults below, which label
-  500 clean target-class images and pseudo-label more SIG images: the BadNets-chosen defaults
+  59.82) with a D'_c of n·γ/C per class and τ 0.95, and to 92.01 (BA 70.30) with the defaults
+  below, which label 500 clean target-class images and pseudo-label more SIG images: the
+  BadNets-chosen defaults
   do not carry over to a clean-label attack, and ``without_dp`` at these defaults does not
   rescue them (68.77 / 90.93).
 * **AU augmentation** (``au_augment``): crop + flip, as in SL. The un-augmented poisoned images
