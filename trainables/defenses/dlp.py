@@ -66,9 +66,8 @@ What the paper leaves open, and what this implementation chose
   CIFAR-10 SIG (3 ASSFT epochs, ``all``): AU takes ASR to 0, ASSFT brings it back to 72.76 (BA
   59.82) with a D'_c of n·γ/C per class and τ 0.95, and to 92.01 (BA 70.30) with the defaults
   below, which label 500 clean target-class images and pseudo-label more SIG images: the
-  BadNets-chosen defaults
-  do not carry over to a clean-label attack, and ``without_dp`` at these defaults does not
-  rescue them (68.77 / 90.93).
+  BadNets-chosen defaults do not carry over to a clean-label attack, and ``without_dp`` at
+  these defaults does not rescue them (68.77 / 90.93).
 * **AU augmentation** (``au_augment``): crop + flip, as in SL. The un-augmented poisoned images
   start at a CE close to 0, so an ascent on them starts slowly, then runs away (CIFAR-10 BadNets:
   BA 27.0 after AU without, 33.8 with).
