@@ -360,3 +360,17 @@ def test_defense_output_loads_into_a_fresh_model(synthetic):
         fresh.load_state_dict(repaired.state_dict())
         x = sub.x[:8].float() / 255
         assert torch.allclose(fresh.eval()(x), repaired(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["nad", "argd", "nba"])
+def test_the_teacher_schedule_is_constant_or_drops_to_a_tenth(name):
+    """``teacher_lr_drop`` 0 keeps the teacher's lr; NAD's README teacher (lr 0.1, drop at 2: NAD's
+    own loop at β = 0) runs 0.1 for two epochs, then 0.01."""
+    from trainables.defenses._common import teacher_sgd
+
+    cls = get_defense(name)
+    constant = teacher_sgd(make_params(cls.Params, {}))
+    assert [constant.lr_at(e) for e in range(constant.epochs)] == [0.01] * 10
+    nad_readme = teacher_sgd(make_params(cls.Params, {"teacher_lr": 0.1, "teacher_lr_drop": 2}))
+    assert [nad_readme.lr_at(e) for e in range(nad_readme.epochs)] == pytest.approx([0.1] * 2 + [0.01] * 8)
+    assert nad_readme.nesterov and nad_readme.augment

@@ -11,7 +11,7 @@ import torch
 from trainables.data.base import ImageSet
 from trainables.data.loader import to_float
 from trainables.engine import SGDConfig, pick_runtime, train
-from trainables.params import ParamError
+from trainables.params import ParamError, make_params
 from trainables.recipes import RECIPES, expand_recipe, recipe_fields
 from trainables.stages import resolve_attack_stage
 
@@ -88,3 +88,23 @@ def test_shuffle_and_augment_change_what_the_loop_feeds(shuffle, augment):
     assert in_order is (not shuffle)
     assert sorted(order.tolist()) == sorted(list(range(40)) * 2)      # every image, once an epoch
     assert all(exact) is (not augment)
+
+
+def test_a_preset_names_a_recipe_and_its_attacks_train_with_it():
+    from sweep.config import load_preset
+
+    cfg = load_preset("nba_table2", ["profile=reference"])
+    for entry in cfg.attacks:
+        assert make_params(SGDConfig, dict(entry.train)) == RECIPES["reference"], entry.name
+    cpu = {a.name: make_params(SGDConfig, dict(a.train)) for a in load_preset("nba_table2", ["profile=cpu"]).attacks}
+    assert cpu["badnets"] == dataclasses.replace(RECIPES["standard"], epochs=12)
+
+
+def test_a_preset_with_an_unknown_recipe_is_refused_with_its_key():
+    from sweep.errors import ConfigError
+    from sweep.config import load_preset
+
+    with pytest.raises(ConfigError, match=r"budget.attack.recipe: unknown recipe 'slow'"):
+        load_preset("nba_table2", ["budget.attack.recipe=slow"])
+    with pytest.raises(ConfigError, match=r"attacks.badnets.budget.recipe: unknown recipe"):
+        load_preset("nba_table2", ["attacks.badnets.budget={recipe: nad}"])

@@ -88,9 +88,15 @@ def student_sgd(p) -> SGDConfig:
 
 
 def teacher_sgd(p, momentum: float = 0.9) -> SGDConfig:
-    """NAD's teacher fine-tuning (ARGD's and NBA's too): constant lr ``p.teacher_lr``, nesterov."""
+    """The teacher's fine-tuning (NAD, ARGD, NBA): lr ``p.teacher_lr``, nesterov; constant, or a
+    tenth of it from epoch ``p.teacher_lr_drop`` on (> 0). NAD's README makes its teacher with
+    NAD's own loop at β = 0 for 5-10 epochs: lr 0.1, 0.01 from epoch 2 (NAD ``config.py`` lr
+    0.1, ``utils/util.py`` ``adjust_learning_rate``), i.e. ``teacher_lr=0.1, teacher_lr_drop=2``."""
+    drop = p.teacher_lr_drop
     return SGDConfig(epochs=p.teacher_epochs, lr=p.teacher_lr, batch_size=p.batch_size, momentum=momentum,
-                     weight_decay=p.weight_decay, nesterov=True, schedule="constant")
+                     weight_decay=p.weight_decay, nesterov=True,
+                     schedule="piecewise" if drop else "constant",
+                     milestones=(drop,) if drop else (), lr_values=(p.teacher_lr / 10,) if drop else ())
 
 
 def distillation_cost(p, n_images: int, student_passes: float = 4 / 3) -> Cost:

@@ -72,6 +72,8 @@ class Params:
     weight_decay: float = param(1e-4, "SGD weight decay (ARGD code: 1e-4)", low=0.0, high=0.1)
     teacher_epochs: int = param(10, "teacher fine-tuning epochs (ARGD README: 5-10)", low=0, high=500)
     teacher_lr: float = param(0.01, "teacher fine-tuning lr (as NAD: 0.01)", low=1e-5, high=1.0)
+    teacher_lr_drop: int = param(0, "epoch from which the teacher's lr is a tenth of teacher_lr (0: constant; "
+                                    "NAD's README teacher: teacher_lr 0.1, drop at 2)", low=0)
 
     def __post_init__(self):
         check_lr_steps(self)

@@ -142,8 +142,10 @@ BEHAVIOURS = ("rnb", "lnb", "pnb")
 class Params:
     # -- step 1: the teacher ----------------------------------------------------------------
     teacher_epochs: int = param(10, "teacher fine-tuning epochs on the clean subset (NAD's teacher: 10)", low=0)
-    teacher_lr: float = param(0.01, "teacher fine-tuning lr, constant (paper: not given; NAD's teacher: 0.01; "
+    teacher_lr: float = param(0.01, "teacher fine-tuning lr (paper: not given; NAD's teacher: 0.01; "
                               "see the module docstring)", low=0.0)
+    teacher_lr_drop: int = param(0, "epoch from which the teacher's lr is a tenth of teacher_lr (0: constant; "
+                                    "NAD's README teacher: teacher_lr 0.1, drop at 2)", low=0)
     # -- step 2: the loss (Eqs. 8, 11, 12) ---------------------------------------------------
     lambda1: float = param(2.0, "λ1, weight of the response behaviour L_RNB (paper: 2.0)", low=0.0)
     lambda2: float = param(2.0, "λ2, weight of the learning behaviour L_LNB (paper: 2.0)", low=0.0)
