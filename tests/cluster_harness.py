@@ -1,5 +1,6 @@
 """Test support: a real multi-node cluster on one machine, whose nodes share no disk, and the real
-servers a cluster sweep talks to (no mocks). Everything binds 127.0.0.1 on free ports.
+servers a cluster sweep talks to (no mocks). Everything binds 127.0.0.1 on free ports, or, given
+``host=``, an address of a network namespace the test made (``make_network``).
 
 Each ``start_*`` function starts one service in its own process group (its own session) and
 returns a small handle with the address and ``stop()``; ``stop()`` sends the service its shutdown
@@ -12,11 +13,18 @@ stray processes.
 * ``make_root()``: a short folder in the system temp dir (mode 0711, so the ``postgres`` user
   can reach its own subfolder; pytest's ``/tmp/pytest-of-root`` is 0700, and Ray's unix socket
   paths under a long ``tmp_path`` pass the 107-byte limit).
+* ``make_network(hosts) -> Network``: one network namespace per host (``10.77.0.<i>`` on its
+  ``eth0``, loopback up) on a bridge that lives in a namespace of its own: the machine's own
+  network is not touched, and other runs make their own (random tag). ``with net.enter(host):``
+  moves the calling thread into that host's namespace (``setns``); what it starts there (servers,
+  Ray nodes, drivers) is born in it and stays. ``net.cut(host)`` takes the host's link down;
+  ``net.delete()`` removes every namespace. The ``start_*`` functions take ``host=`` (the address
+  to listen on, default 127.0.0.1) and are called inside ``net.enter(...)``.
 * ``start_postgres(tmp_dir) -> Postgres``: ``.dsn`` (MLflow's role and database ``mlflow``),
   ``.optuna_dsn`` (Optuna's role and database ``optuna``: two roles, two databases),
   ``.admin_dsn``, ``.port``. initdb runs as the ``postgres`` user (when we are root) into
   ``tmp_dir/postgres`` (chowned to it), scram-sha-256 password auth for local and host
-  connections, ``listen_addresses=127.0.0.1``, the unix socket in ``tmp_dir/postgres/sock``,
+  connections (from 127.0.0.1 and ``samenet``), ``listen_addresses=<host>``, the unix socket in ``tmp_dir/postgres/sock``,
   fsync off. Stopped with SIGINT (fast shutdown: SIGTERM would wait for clients to leave).
 * ``start_mlflow_server(dsn, artifacts_dir, log_dir) -> MlflowServer``: ``.url``. A real
   ``python -m mlflow server`` (mlflow 3.17, uvicorn, ``--workers 1``) on Postgres with proxied
@@ -92,6 +100,7 @@ And with the servers:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import secrets
@@ -270,12 +279,14 @@ class Postgres(_Handle):
         self.service.stop(grace=30)
 
 
-def _dsn(user, password, port, db):
-    return f"postgresql://{user}:{password}@{LOOPBACK}:{port}/{db}"
+def _dsn(user, password, port, db, host=LOOPBACK):
+    return f"postgresql://{user}:{password}@{host}:{port}/{db}"
 
 
-def start_postgres(tmp_dir, timeout: float = 60) -> Postgres:
-    """initdb + postgres in ``tmp_dir/postgres``; roles and databases ``mlflow`` and ``optuna``."""
+def start_postgres(tmp_dir, timeout: float = 60, host: str = LOOPBACK,
+                   roles: tuple[str, ...] = ("mlflow", "optuna")) -> Postgres:
+    """initdb + postgres in ``tmp_dir/postgres`` listening on ``host``; for each of ``roles`` (those
+    of ``mlflow`` and ``optuna`` fill ``dsn`` / ``optuna_dsn``) a login role and a database it owns."""
     import psycopg2
 
     base = Path(tmp_dir) / "postgres"
@@ -305,15 +316,17 @@ def start_postgres(tmp_dir, timeout: float = 60) -> Postgres:
     pwfile.unlink()
     if initdb.returncode != 0:
         raise RuntimeError(f"initdb failed:\n{initdb.stdout}\n{initdb.stderr}")
+    with open(data / "pg_hba.conf", "a") as hba:   # the hosts of the subnet ``host`` is on (a namespace's)
+        hba.write("host all all samenet scram-sha-256\n")
     for _attempt in range(3):   # the free port may be taken before postgres binds it
         port = free_port()
         svc = _Service("postgres", [PG_BIN / "postgres", "-D", data, "-p", port,
-                                    "-c", f"listen_addresses={LOOPBACK}", "-c", f"unix_socket_directories={sock}",
+                                    "-c", f"listen_addresses={host}", "-c", f"unix_socket_directories={sock}",
                                     "-c", "fsync=off", "-c", "synchronous_commit=off",
                                     "-c", "full_page_writes=off", "-c", "max_connections=200"],
                        Path(tmp_dir) / "logs" / "postgres.log", env=_base_env({"LC_ALL": "C.UTF-8"}),
                        cwd=str(base), user=user, stop_signal=signal.SIGINT)
-        admin = _dsn("postgres", admin_pw, port, "postgres")
+        admin = _dsn("postgres", admin_pw, port, "postgres", host)
         try:
             _wait(lambda dsn=admin: psycopg2.connect(dsn, connect_timeout=2).close() or True, timeout,
                   "postgres accepting connections", svc)
@@ -329,11 +342,12 @@ def start_postgres(tmp_dir, timeout: float = 60) -> Postgres:
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            for role in ("mlflow", "optuna"):
+            for role in roles:
                 password = secrets.token_hex(12)
                 cur.execute(f"CREATE ROLE {role} LOGIN PASSWORD %s", (password,))
                 cur.execute(f"CREATE DATABASE {role} OWNER {role}")
-                setattr(handle, "dsn" if role == "mlflow" else "optuna_dsn", _dsn(role, password, port, role))
+                if role in ("mlflow", "optuna"):
+                    setattr(handle, "dsn" if role == "mlflow" else "optuna_dsn", _dsn(role, password, port, role, host))
     except Exception:
         conn.close()
         handle.stop()
@@ -350,7 +364,7 @@ class MlflowServer(_Handle):
     artifacts_dir: Path | None = None
 
 
-def start_mlflow_server(dsn: str, artifacts_dir, log_dir=None, timeout: float = 180) -> MlflowServer:
+def start_mlflow_server(dsn: str, artifacts_dir, log_dir=None, timeout: float = 180, host: str = LOOPBACK) -> MlflowServer:
     """``python -m mlflow server`` on ``dsn`` (libpq or SQLAlchemy form) with artifacts proxied
     into ``artifacts_dir``."""
     artifacts_dir = Path(artifacts_dir)
@@ -359,9 +373,9 @@ def start_mlflow_server(dsn: str, artifacts_dir, log_dir=None, timeout: float = 
     port = free_port()
     svc = _Service("mlflow", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sqlalchemy_url(dsn),
                               "--serve-artifacts", "--artifacts-destination", artifacts_dir,
-                              "--host", LOOPBACK, "--port", port, "--workers", "1"],
+                              "--host", host, "--port", port, "--workers", "1"],
                    log_dir / "mlflow.log", env=_base_env(), cwd=str(artifacts_dir.parent))
-    url = f"http://{LOOPBACK}:{port}"
+    url = f"http://{host}:{port}"
 
     def healthy():
         with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
@@ -391,12 +405,12 @@ class S3(_Handle):
                             aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])
 
 
-def start_s3(tmp_dir, bucket: str = "sweep", timeout: float = 60) -> S3:
-    """A moto S3 server subprocess on 127.0.0.1 with ``bucket`` created through boto3."""
+def start_s3(tmp_dir, bucket: str = "sweep", timeout: float = 60, host: str = LOOPBACK) -> S3:
+    """A moto S3 server subprocess on ``host`` with ``bucket`` created through boto3."""
     port = free_port()
-    svc = _Service("moto", [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", port],
+    svc = _Service("moto", [sys.executable, "-m", "moto.server", "-H", host, "-p", port],
                    Path(tmp_dir) / "logs" / "moto.log", env=_base_env())
-    endpoint = f"http://{LOOPBACK}:{port}"
+    endpoint = f"http://{host}:{port}"
     env = {"AWS_ACCESS_KEY_ID": "harness", "AWS_SECRET_ACCESS_KEY": "harness-secret",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
     handle = S3(svc, endpoint=endpoint, bucket=bucket, env=env)
@@ -428,8 +442,8 @@ class RayHead(_Handle):
 
 
 def start_ray_head(tmp_dir, num_cpus: int = 1, env: dict | None = None, resources: dict | None = None,
-                   object_store_mb: int = 100, timeout: float = 120) -> RayHead:
-    """``ray start --head --block`` on 127.0.0.1 with its own temp dir and auth token. ``env``:
+                   object_store_mb: int = 100, timeout: float = 120, host: str = LOOPBACK) -> RayHead:
+    """``ray start --head --block`` on ``host`` with its own temp dir and auth token. ``env``:
     extra environment of the head's processes (its workers inherit it), e.g. ``RAY_<config>``."""
     temp_dir = Path(tmp_dir) / "ray"
     temp_dir.mkdir(parents=True, exist_ok=True)
@@ -439,7 +453,7 @@ def start_ray_head(tmp_dir, num_cpus: int = 1, env: dict | None = None, resource
     for _attempt in range(3):
         port = free_port()
         cmd = [ray_cli if ray_cli.exists() else sys.executable, *([] if ray_cli.exists() else ["-m", "ray.scripts.scripts"]),
-               "start", "--head", "--block", "--node-ip-address", LOOPBACK, "--port", port,
+               "start", "--head", "--block", "--node-ip-address", host, "--port", port,
                "--num-cpus", num_cpus, "--include-dashboard", "false", "--temp-dir", temp_dir,
                "--disable-usage-stats", "--dashboard-agent-listen-port", free_port(),
                "--object-store-memory", object_store_mb * 1024 * 1024]
@@ -457,7 +471,7 @@ def start_ray_head(tmp_dir, num_cpus: int = 1, env: dict | None = None, resource
                 raise
     else:
         raise RuntimeError("ray head: no free port after 3 tries")
-    return RayHead(svc, address=f"{LOOPBACK}:{port}", temp_dir=temp_dir, env=cluster_env)
+    return RayHead(svc, address=f"{host}:{port}", temp_dir=temp_dir, env=cluster_env)
 
 
 @dataclass
@@ -482,7 +496,7 @@ class WorkerNode(_Handle):
 
 def start_isolated_worker_node(head_address: str, hidden_dirs, num_cpus: int = 1, resources: dict | None = None,
                                env: dict | None = None, *, head: RayHead | None = None, node_dir=None,
-                               object_store_mb: int = 100, timeout: float = 120) -> WorkerNode:
+                               object_store_mb: int = 100, timeout: float = 120, host: str = LOOPBACK) -> WorkerNode:
     """A Ray node in its own process and mount namespace: a tmpfs over each of ``hidden_dirs``
     and over ``node_dir`` (its Ray temp dir and cwd; keep the path short; default: a fresh
     folder in the system temp dir). Its log: ``node_dir/../logs/ray-<node_dir name>.log``.
@@ -499,7 +513,7 @@ def start_isolated_worker_node(head_address: str, hidden_dirs, num_cpus: int = 1
     name = f"ray-{node_dir.name}"
     cfg = {"gcs_address": head_address, "hidden_dirs": [str(Path(d).resolve()) for d in hidden_dirs],
            "node_dir": str(node_dir.resolve()), "num_cpus": num_cpus, "resources": resources or {},
-           "object_store_memory": object_store_mb * 1024 * 1024}
+           "object_store_memory": object_store_mb * 1024 * 1024, "host": host}
     log = node_dir.resolve().parent / "logs" / f"{name}.log"
     if log.exists():
         log.unlink()
@@ -549,17 +563,95 @@ def ray_driver(head: RayHead, **init_kwargs):
         refresh_auth()
 
 
+# =============================================================================== network namespaces
+
+CLONE_NEWNET = 0x40000000
+
+
+def _ip(*args: str):
+    r = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def in_netns(name: str):
+    """Run the calling thread in the network namespace ``name`` (``/run/netns/<name>``) and bring
+    it back on exit. setns(2) moves one thread only; the processes and threads it starts meanwhile
+    are born in ``name`` and stay there, and so do the sockets it opens."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net") as back, open(f"/run/netns/{name}") as target:
+        if libc.setns(target.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name}")
+        try:
+            yield
+        finally:
+            if libc.setns(back.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+
+
+@dataclass
+class Network:
+    """Hosts on one private subnet: each host a network namespace of its own with one interface
+    (``eth0``) whose peer is a port of a bridge that lives in a namespace of its own too, so that
+    nothing is added to the machine's own network. ``address[host]``; ``cut(host)`` takes the
+    host's link down (its processes live on, unreachable), ``delete()`` removes every namespace
+    (and with them their links)."""
+    tag: str
+    address: dict = field(default_factory=dict)
+
+    def netns(self, host: str) -> str:
+        return f"{self.tag}-{host}"
+
+    def enter(self, host: str):
+        return in_netns(self.netns(host))
+
+    def cut(self, host: str):
+        _ip("-n", self.netns(host), "link", "set", "eth0", "down")
+
+    def delete(self):
+        for name in [*(self.netns(h) for h in self.address), f"{self.tag}-br"]:
+            if Path(f"/run/netns/{name}").exists():
+                _ip("netns", "delete", name)
+
+
+def make_network(hosts, subnet: str = "10.77.0") -> Network:
+    """Namespaces ``<tag>-<host>`` with ``<subnet>.<i>/24`` (i = 1, 2, ... in ``hosts``' order) on
+    ``eth0`` and their loopback up, joined by a bridge in ``<tag>-br``. The tag is random: other
+    runs on the machine make their own. Needs root."""
+    net = Network(tag=f"bs{secrets.token_hex(3)}")
+    bridge = f"{net.tag}-br"
+    try:
+        _ip("netns", "add", bridge)
+        _ip("-n", bridge, "link", "add", "br0", "type", "bridge")
+        for dev in ("lo", "br0"):
+            _ip("-n", bridge, "link", "set", dev, "up")
+        for i, host in enumerate(hosts, 1):
+            ns = net.netns(host)
+            net.address[host] = f"{subnet}.{i}"
+            _ip("netns", "add", ns)
+            _ip("-n", bridge, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("-n", bridge, "link", "set", f"v{i}", "master", "br0", "up")
+            _ip("-n", ns, "addr", "add", f"{net.address[host]}/24", "dev", "eth0")
+            for dev in ("lo", "eth0"):
+                _ip("-n", ns, "link", "set", dev, "up")
+    except Exception:
+        net.delete()
+        raise
+    return net
+
+
 # =============================================================================== checks
 
-def start_servers(root: Path, started: list) -> tuple["Postgres", "MlflowServer", "S3"]:
+def start_servers(root: Path, started: list, host: str = LOOPBACK) -> tuple["Postgres", "MlflowServer", "S3"]:
     """PostgreSQL, an MLflow server on it (artifacts proxied to ``root/mlflow-artifacts``) and a
-    moto S3 server, each appended to ``started`` as soon as it runs (so a later failure still
-    stops it: :func:`stop_all`)."""
-    pg = start_postgres(root)
+    moto S3 server, all on ``host``, each appended to ``started`` as soon as it runs (so a later
+    failure still stops it: :func:`stop_all`)."""
+    pg = start_postgres(root, host=host)
     started.append(pg)
-    mlflow = start_mlflow_server(pg.dsn, root / "mlflow-artifacts", root / "logs")
+    mlflow = start_mlflow_server(pg.dsn, root / "mlflow-artifacts", root / "logs", host=host)
     started.append(mlflow)
-    s3 = start_s3(root)
+    s3 = start_s3(root, host=host)
     started.append(s3)
     return pg, mlflow, s3
 
@@ -620,7 +712,7 @@ def _worker_node_main(cfg: dict) -> int:
     import ray._private.services
 
     params = ray._private.parameter.RayParams(
-        node_ip_address=LOOPBACK, gcs_address=cfg["gcs_address"], num_cpus=cfg["num_cpus"], num_gpus=0,
+        node_ip_address=cfg["host"], gcs_address=cfg["gcs_address"], num_cpus=cfg["num_cpus"], num_gpus=0,
         resources=cfg["resources"], object_store_memory=cfg["object_store_memory"],
         temp_dir=os.path.join(node_dir, "ray"), node_manager_port=0, min_worker_port=0, max_worker_port=0,
         dashboard_agent_listen_port=None, include_log_monitor=True)

@@ -1,10 +1,13 @@
 """A reduced quickstart sweep, end to end through the CLI, on a real two-node Ray cluster whose
-nodes share no disk (``tests/cluster_harness.py``): PostgreSQL (MLflow's store and Optuna's
-studies), an ``mlflow server`` with proxied artifacts, a moto S3 server holding the sweep's storage,
-a Ray head (1 CPU) and a second node (1 CPU) in its own mount namespace that cannot see the test's
-folders, the driver's work directory among them. Nothing is mocked: the driver is ``python -m sweep
-quickstart --address ... --tracking-uri http://... --storage s3://... --optuna-storage
-postgresql+psycopg2://...`` as a subprocess.
+nodes are separate hosts on a private network and share no disk (``tests/cluster_harness.py``).
+Three network namespaces made by the test, each with its own address on one bridge: ``srv``
+(10.77.0.1: PostgreSQL for MLflow's store and Optuna's studies, an ``mlflow server`` with proxied
+artifacts, a moto S3 server holding the sweep's storage), ``head`` (10.77.0.2: the Ray head, 1 CPU,
+and the driver, as KubeRay runs it) and ``n2`` (10.77.0.3: a second Ray node, 1 CPU, in its own
+mount namespace too, so that it cannot see the test's folders, the driver's work directory among
+them). Every address lives inside those namespaces; nothing reaches the machine's own network.
+Nothing is mocked: the driver is ``python -m sweep quickstart --address 10.77.0.2:... --tracking-uri
+http://10.77.0.1:... --storage s3://... --optuna-storage postgresql+psycopg2://...`` as a subprocess.
 
 * ``test_sweep_spreads_over_both_nodes_and_shares_only_through_s3_and_mlflow``: the sweep exits 0;
   its trials ran on both nodes (the ``ray_node_id`` tags of the trial runs are exactly the two
@@ -13,11 +16,12 @@ postgresql+psycopg2://...`` as a subprocess.
   saw the driver's folder, and the S3 bucket holds the attack stages' cache manifests and files
   (``run/cache/``), the Tune experiments with the trials' checkpoints
   (``run/sweeps/<id>/ray/``) and the sweep state's mirror.
-* ``test_a_node_lost_mid_trial_is_retried_on_the_head_and_the_sweep_finishes``: a second sweep
-  (its own work directory; the attack stages come from S3); the second node is SIGKILLed while
-  it runs a trial; the sweep still exits 0, every run is FINISHED (none RUNNING, no duplicate
+* ``test_a_node_cut_off_mid_trial_is_retried_on_the_head_and_the_sweep_finishes``: a second sweep
+  (its own work directory; the attack stages come from S3); the second node's link is taken down
+  (``ip link set eth0 down`` in its namespace: its processes live on, unreachable, as a host
+  whose network fails) while it runs a trial; the sweep still exits 0, every run is FINISHED (none RUNNING, no duplicate
   trial run: the lost trial's run is reattached), the lost trial is recovered (its run carries
-  ``last_error``) and finishes on the head, and every trial that finished after the kill ran on
+  ``last_error``) and finishes on the head, and every trial that finished after the cut ran on
   the head.
 
 The servers and the cluster start once per module; each sweep takes a few minutes on 2 shared CPU
@@ -42,6 +46,7 @@ pytestmark = [
     pytest.mark.cluster,
     pytest.mark.skipif(os.geteuid() != 0, reason="the isolated node mounts tmpfs: needs root"),
     pytest.mark.skipif(not (ch.PG_BIN / "postgres").exists(), reason=f"no PostgreSQL server in {ch.PG_BIN}"),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="no `ip` (iproute2) for the network namespaces"),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +69,7 @@ N_STAGES = 2
 @dataclass
 class Cluster:
     root: Path
+    net: ch.Network
     pg: ch.Postgres
     mlflow: ch.MlflowServer
     s3: ch.S3
@@ -75,21 +81,27 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster():
     root = ch.make_root("bss-")
+    net = ch.make_network(["srv", "head", "n2"])
     started = []
     try:
-        pg, mlflow, s3 = ch.start_servers(root, started)
+        with net.enter("srv"):
+            pg, mlflow, s3 = ch.start_servers(root, started, host=net.address["srv"])
         # every node's workers reach S3 with the same credentials; each keeps its node-local copy
         # of the stored attack stages in a folder of its own (the head's: hidden from node2 too)
-        head = ch.start_ray_head(root / "head", num_cpus=1,
-                                 env={**FAST_HEALTH_CHECK, **s3.env, "SWEEP_LOCAL_CACHE": str(root / "head" / "cache")})
+        with net.enter("head"):
+            head = ch.start_ray_head(root / "head", num_cpus=1, host=net.address["head"],
+                                     env={**FAST_HEALTH_CHECK, **s3.env, "SWEEP_LOCAL_CACHE": str(root / "head" / "cache")})
         started.append(head)
         # the second node sees none of root: not the drivers' work dirs, the servers' data or the head's
-        node = ch.start_isolated_worker_node(head.address, [root], num_cpus=1, head=head, node_dir=root / "n2",
-                                             env={**s3.env, "SWEEP_LOCAL_CACHE": str(root / "n2" / "cache")})
+        with net.enter("n2"):
+            node = ch.start_isolated_worker_node(head.address, [root], num_cpus=1, head=head, node_dir=root / "n2",
+                                                 host=net.address["n2"],
+                                                 env={**s3.env, "SWEEP_LOCAL_CACHE": str(root / "n2" / "cache")})
         started.append(node)
         (root / "driver").mkdir()
-        head_id = _check_nodes(head, node, root / "driver")
-        yield Cluster(root, pg, mlflow, s3, head, node, head_id)
+        with net.enter("head"):
+            head_id = _check_nodes(head, node, root / "driver")
+        yield Cluster(root, net, pg, mlflow, s3, head, node, head_id)
     finally:
         if os.environ.get("CLUSTER_SWEEP_KEEP_LOGS"):    # keep the services', the sweeps' and Ray's logs
             keep = Path(os.environ["CLUSTER_SWEEP_KEEP_LOGS"]) / root.name
@@ -100,6 +112,7 @@ def cluster():
             except (shutil.Error, OSError) as e:
                 print(f"keeping the logs in {keep}: {e}")
         leftovers = ch.stop_all(started, root)
+        net.delete()
         assert not leftovers, f"processes left after stop(): {leftovers}"
 
 
@@ -113,6 +126,8 @@ def _check_nodes(head: ch.RayHead, node: ch.WorkerNode, driver_dir: Path) -> str
         alive = [n for n in ray.nodes() if n["Alive"]]
         head_id = next(n["NodeID"] for n in alive if "node:__internal_head__" in n["Resources"])
         assert {n["NodeID"] for n in alive} == {head_id, node.node_id}, alive
+        # each node on its own host's address
+        assert {n["NodeManagerAddress"] for n in alive} == {head.address.split(":")[0], "10.77.0.3"}, alive
 
         @ray.remote(num_cpus=0)
         def sees(path):
@@ -163,7 +178,8 @@ class Sweep:
 
 
 def start_sweep(c: Cluster, name: str) -> Sweep:
-    """``python -m sweep quickstart`` joining the cluster, in its own session (stopped with it)."""
+    """``python -m sweep quickstart`` joining the cluster from the head's host, in its own session
+    (stopped with it)."""
     workdir = c.root / name
     workdir.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items()
@@ -176,8 +192,9 @@ def start_sweep(c: Cluster, name: str) -> Sweep:
     for s in SETS:
         cmd += ["--set", s]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return Sweep(ch._Service(f"sweep-{name}", cmd, c.root / "logs" / f"sweep-{name}.log", env=env, cwd=str(workdir)),
-                 workdir)
+    with c.net.enter("head"):
+        service = ch._Service(f"sweep-{name}", cmd, c.root / "logs" / f"sweep-{name}.log", env=env, cwd=str(workdir))
+    return Sweep(service, workdir)
 
 
 @pytest.fixture
@@ -196,9 +213,10 @@ def sweep_runs(c: Cluster, sweep_id: str) -> list:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=c.mlflow.url)
-    exp = client.get_experiment_by_name("quickstart")
-    assert exp is not None, "no MLflow experiment 'quickstart' on the server"
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.sweep_id = '{sweep_id}'", max_results=1000)
+    with c.net.enter("head"):   # the servers' subnet
+        exp = client.get_experiment_by_name("quickstart")
+        assert exp is not None, "no MLflow experiment 'quickstart' on the server"
+        return client.search_runs([exp.experiment_id], filter_string=f"tags.sweep_id = '{sweep_id}'", max_results=1000)
 
 
 def by_role(runs) -> dict[str, list]:
@@ -220,7 +238,8 @@ def s3_keys(c: Cluster, prefix: str) -> list[str]:
     keys, token = [], None
     while True:
         kw = {"ContinuationToken": token} if token else {}
-        page = client.list_objects_v2(Bucket=c.s3.bucket, Prefix=prefix, **kw)
+        with c.net.enter("head"):
+            page = client.list_objects_v2(Bucket=c.s3.bucket, Prefix=prefix, **kw)
         keys += [o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
         token = page.get("NextContinuationToken")
         if not token:
@@ -286,7 +305,8 @@ def test_sweep_spreads_over_both_nodes_and_shares_only_through_s3_and_mlflow(clu
         assert r.info.artifact_uri.startswith("mlflow-artifacts:"), r.info.artifact_uri
         dst = tmp_path / r.info.run_id
         dst.mkdir()
-        local = client.download_artifacts(r.info.run_id, "model/model.pt", str(dst))
+        with c.net.enter("head"):
+            local = client.download_artifacts(r.info.run_id, "model/model.pt", str(dst))
         state = torch.load(local, map_location="cpu", weights_only=True)
         assert isinstance(state, dict) and state, f"{r.info.run_name}: model.pt is not a state_dict"
         assert all(isinstance(v, torch.Tensor) for v in state.values()), r.info.run_name
@@ -303,7 +323,8 @@ def test_sweep_spreads_over_both_nodes_and_shares_only_through_s3_and_mlflow(clu
     for h in hashes:
         manifest_key = f"{PREFIX}/cache/{h}/manifest.json"
         assert manifest_key in cache_keys, f"no cache manifest for stage {h} in S3: {cache_keys}"
-        body = c.s3.client().get_object(Bucket=c.s3.bucket, Key=manifest_key)["Body"].read()
+        with c.net.enter("head"):
+            body = c.s3.client().get_object(Bucket=c.s3.bucket, Key=manifest_key)["Body"].read()
         manifest = json.loads(body)
         stored = {k.rsplit("/", 1)[1] for k in cache_keys if k.startswith(f"{PREFIX}/cache/{h}/{manifest['folder']}/")}
         assert set(manifest["files"]) <= stored and "model.pt" in stored, (h, manifest, stored)
@@ -333,7 +354,8 @@ def test_the_dry_run_shows_how_the_sweep_packs_onto_the_cluster(cluster):
     cmd = [sys.executable, "-m", "sweep", "quickstart", "--dry-run", "--address", c.head.address]
     for s in SETS:
         cmd += ["--set", s]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(c.root))
+    with c.net.enter("head"):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(c.root))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"cluster (the Ray cluster at {c.head.address}): 2 CPUs, 0 GPUs on 2 node(s)" in r.stdout, r.stdout[-2000:]
     assert "trial slots: 2 (a trial takes 1 CPU and 0 GPU)" in r.stdout
@@ -358,7 +380,7 @@ def _busy_trial_worker(node: ch.WorkerNode, seen: set) -> str | None:
     return None
 
 
-def test_a_node_lost_mid_trial_is_retried_on_the_head_and_the_sweep_finishes(cluster, sweeps):
+def test_a_node_cut_off_mid_trial_is_retried_on_the_head_and_the_sweep_finishes(cluster, sweeps):
     c = cluster
     alive = c.node.service.popen.poll() is None
     assert alive, "node2 is not running"
@@ -366,7 +388,7 @@ def test_a_node_lost_mid_trial_is_retried_on_the_head_and_the_sweep_finishes(clu
     sweep = start_sweep(c, "driver2")
     sweeps.append(sweep)
     t0 = time.monotonic()
-    # wait until node2 runs a trial, then lose it (SIGKILL of every process of the node)
+    # wait until node2 runs a trial, then cut it off: its link goes down, its processes live on
     title, seen = None, set()
     while title is None:
         assert sweep.service.popen.poll() is None, \
@@ -374,21 +396,22 @@ def test_a_node_lost_mid_trial_is_retried_on_the_head_and_the_sweep_finishes(clu
         assert time.monotonic() - t0 < SWEEP_TIMEOUT, f"node2 ran no trial (its workers: {sorted(seen)}){sweep.tail()}"
         title = _busy_trial_worker(c.node, seen)
         time.sleep(0.5)
-    kill_ms = int(time.time() * 1000)
-    c.node.kill()
-    print(f"\nnode2 killed {time.monotonic() - t0:.0f} s into sweep 2, while running {title!r}")
-    assert c.node.processes() == []
+    cut_ms = int(time.time() * 1000)
+    c.net.cut("n2")
+    print(f"\nnode2's link cut {time.monotonic() - t0:.0f} s into sweep 2, while running {title!r}")
     rc = sweep.wait()
-    print(f"sweep 2 (node2 lost): {time.monotonic() - t0:.0f} s")
+    print(f"sweep 2 (node2 cut off): {time.monotonic() - t0:.0f} s")
     sid, roles = check_finished_sweep(c, sweep, rc)
     trials = roles["defense"]
+    with c.net.enter("head"), ch.ray_driver(c.head) as ray:   # the GCS lost node2, as a host whose network failed
+        assert {n["NodeID"]: n["Alive"] for n in ray.nodes()}.get(c.node.node_id) is False, ray.nodes()
 
-    # the lost trial was recovered (Tune's on_trial_recover tags its run) and finished on the head
+    # the cut-off trial was recovered (Tune's on_trial_recover tags its run) and finished on the head
     recovered = [r for r in trials if r.data.tags.get("last_error")]
     assert recovered, f"no trial run was recovered after node2's loss:\n{describe(trials)}{sweep.tail()}"
     assert all(r.data.tags["ray_node_id"] == c.head_id for r in recovered), describe(recovered)
-    # whatever finished after the kill ran on the head
-    after = [r for r in trials if r.info.end_time > kill_ms]
+    # whatever finished after the cut ran on the head
+    after = [r for r in trials if r.info.end_time > cut_ms]
     assert after and {r.data.tags["ray_node_id"] for r in after} == {c.head_id}, describe(trials)
     assert {r.data.tags["ray_node_id"] for r in trials} <= {c.head_id, c.node.node_id}
     if stored_before:   # the first sweep trained and stored the stages: this one only fetched them
