@@ -21,6 +21,7 @@ elsewhere; ``SWEEP_AMP=0`` / ``SWEEP_AMP=1`` force fp32 / bf16. Their bounds com
 measured under both.
 """
 import os
+from pathlib import Path
 
 # Ray binds the external interface unless told otherwise; tests stay on 127.0.0.1
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -67,6 +68,20 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=deselected)
         gone = {id(item) for item in deselected}
         items[:] = [item for item in items if id(item) not in gone]
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpeg():
+    """The CIFAR-10 JPEG copy (an ImageFolder tree: ``train/<class>/*``, ``test/<class>/*``) that
+    ``SWEEP_TEST_CIFAR10`` names; a test that uses it skips when the variable is unset or the
+    tree is missing."""
+    value = os.environ.get("SWEEP_TEST_CIFAR10")
+    if not value:
+        pytest.skip("SWEEP_TEST_CIFAR10 is not set (the path of the CIFAR-10 JPEG copy)")
+    root = Path(value)
+    if not ((root / "train").is_dir() and (root / "test").is_dir()):
+        pytest.skip(f"SWEEP_TEST_CIFAR10={value} has no train/ and test/ folders")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,6 @@ from trainables.data import (
 from trainables.data import imagefolder as imagefolder_mod
 from trainables.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 
-CIFAR10_JPEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -223,16 +222,14 @@ def test_imagefolder_bad_layouts(tree, tmp_path):
         load_dataset(f"imagefolder:{empty}", cache_dir=cache)
 
 
-def test_imagefolder_cifar10_jpeg(tmp_path):
-    if not CIFAR10_JPEG.is_dir():
-        pytest.skip(f"{CIFAR10_JPEG} is not present")
+def test_imagefolder_cifar10_jpeg(tmp_path, cifar10_jpeg):
     cache = tmp_path / "cache"
     t0 = time.perf_counter()
-    ds = load_dataset(f"imagefolder:{CIFAR10_JPEG}", cache_dir=cache)
+    ds = load_dataset(f"imagefolder:{cifar10_jpeg}", cache_dir=cache)
     first = time.perf_counter() - t0
     assert imagefolder_mod.last_load_info["cache_hit"] is False
     t0 = time.perf_counter()
-    cached = load_dataset(f"imagefolder:{CIFAR10_JPEG}", cache_dir=cache)
+    cached = load_dataset(f"imagefolder:{cifar10_jpeg}", cache_dir=cache)
     second = time.perf_counter() - t0
     assert imagefolder_mod.last_load_info["cache_hit"] is True
     print(f"cifar10-jpeg: first load {first:.1f}s, cached load {second:.1f}s")

@@ -72,7 +72,7 @@ def _commands(prefix: str) -> list[tuple[Path, list[str]]]:
     return found
 
 
-def test_infra_holds_the_files_the_issue_asks_for():
+def test_infra_holds_the_deployment_files():
     names = {str(p.relative_to(INFRA)) for p in FILES}
     assert {"Dockerfile", "README.md", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "ray-up/aws-gpu.yaml",
             "tracking/compose.yaml", "tracking/mlflow-entrypoint.sh", "tracking/s3-entrypoint.sh"} <= names, names
