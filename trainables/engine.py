@@ -188,8 +188,9 @@ class SGDConfig:
     shuffled batches. ``trainables.recipes`` names the others (``reference``: NAD's and ARGD's).
 
     augment: random crop (4-pixel padding) + horizontal flip on every batch.
-    shuffle: a new seeded batch order every epoch; off, the batches follow the training set's
-    order (poisoned images stay where the poison draw put them).
+    shuffle: a new seeded batch order every epoch; off, one seeded order read the same way every
+    epoch, as a loader without shuffling reads CIFAR-10's files, whose order is random (a copy
+    stored class by class would otherwise give one-class batches).
 
     schedule: ``cosine`` | ``constant`` | ``multistep`` (lr × gamma at each milestone) |
     ``piecewise`` (lr becomes ``lr_values[i]`` at ``milestones[i]``, e.g. NAD's 0.1→0.01→1e-4).
@@ -323,6 +324,8 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
     augment = cfg.augment if augment is None else augment
     data = on_device(data, rt)
     gen = generator(rt, seed)
+    fixed_order = None if cfg.shuffle else torch.randperm(
+        len(data), generator=torch.Generator().manual_seed(int(seed))).to(rt.device)
     trained = list(params) if params is not None else list(model.parameters())
     opt = make_sgd(trained, cfg)
     scaler = grad_scaler(rt)
@@ -340,7 +343,7 @@ def train(model: nn.Module, data: ImageSet, cfg: SGDConfig, rt: Runtime, *, seed
         model.train(train_mode)
         stats, start = EpochStats(), time.perf_counter()
         for x, y, idx in batches(data.x, data.y, cfg.batch_size, generator=gen, shuffle=cfg.shuffle,
-                                 augment=augment):
+                                 augment=augment, order=fixed_order):
             with autocast(rt):
                 loss, logs = loss_fn(model, _fmt(x, rt), y, idx)
             opt.zero_grad(set_to_none=True)

@@ -39,16 +39,17 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def batches(x_u8: torch.Tensor, y: torch.Tensor, batch_size: int, *, generator: torch.Generator | None = None,
-            shuffle: bool = False, augment: bool = False, drop_last: bool = False
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            shuffle: bool = False, augment: bool = False, drop_last: bool = False,
+            order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(x_float, y, index)`` batches from device-resident uint8 images.
 
     ``shuffle`` and ``augment`` need a ``generator`` on the same device (reproducibility).
+    ``order`` (without ``shuffle``): the row order to read, instead of the stored one.
     """
     n = x_u8.shape[0]
     if shuffle:
         order = torch.randperm(n, device=x_u8.device, generator=generator)
-    else:
+    elif order is None:
         order = torch.arange(n, device=x_u8.device)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
