@@ -6,8 +6,9 @@ it override single fields (``{recipe: reference, epochs: 4}``). The stage's cach
 expanded values, never the name, so two spellings of the same training are one stage.
 
 * ``standard`` (our choice; ``SGDConfig``'s defaults): 100 epochs, lr 0.1 with cosine decay to
-  zero, momentum 0.9, weight decay 5e-4, batch 128, random crop + flip, shuffled. The usual
-  CIFAR recipe; a model ends fully annealed at ~91% BA (WRN-16-1).
+  zero, momentum 0.9, weight decay 5e-4, batch 128, random crop + flip, shuffled: the usual
+  CIFAR training, ending fully annealed. No paper of NBA, DLP or CheatKD states its attacks'
+  training; this is what the presets ran before a recipe was named.
 * ``reference``: the attack training of ARGD's reference code (Xia et al., "Eliminating backdoor
   triggers for deep neural networks using attention relation graph distillation", IJCAI 2022;
   repository BililiCode/ARGD), whose README reports the undefended BadNets WRN-16-1 at
