@@ -1,12 +1,13 @@
 """The MLflow UI a researcher opens: a reduced quickstart sweep (real Ray, real MLflow), then
 ``tools/mlflow_screenshot.py`` starts ``mlflow ui`` on 127.0.0.1 over its store and opens the link
 the sweep prints in headless Chromium. What the page shows is read from its DOM: the runs, lowest
-ASR first, with BA, ASR, RA, DER and the searched parameters as columns. Skips without Chromium,
-its driver or the ``selenium`` package.
+ASR first, with BA, ASR, RA, DER and the searched parameters as columns, in the UI's model-training
+mode (no GenAI sidebar). Skips without Chromium, its driver or the ``selenium`` package.
 """
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,13 +54,16 @@ def test_the_sweeps_link_opens_its_runs_sorted_by_asr_with_the_metrics_and_param
     done = subprocess.run([sys.executable, "-m", "sweep", "quickstart", *sets, "--workdir", str(tmp_path / "w")],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    printed = [line for line in done.stdout.splitlines() if "viewStateShareKey=" in line]
-    assert printed, "the sweep prints the link to its runs view"
+    links = re.findall(r"http://127\.0\.0\.1:\d+/#/\S*viewStateShareKey=\S*", done.stdout)
+    assert links, "the sweep prints the link to its runs view"
 
-    table = tool.capture(tmp_path / "w", tmp_path / "runs.png")
+    table = tool.capture(tmp_path / "w", tmp_path / "runs.png", link=links[0])
 
     assert (tmp_path / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert table["url"].split("/#/")[1] in printed[0]          # the very view the sweep links to
+    assert table["url"].endswith(links[0].split("/#/")[1])      # the very view the sweep links to
+    # model training, not GenAI: the sidebar offers runs and the registry, not traces' sessions or judges
+    assert {"Runs", "Model registry"} <= set(table["sidebar"]), table["sidebar"]
+    assert not {"Sessions", "Judges", "Prompts"} & set(table["sidebar"]), table["sidebar"]
     ids = [c["id"] for c in table["columns"]]
     assert set(METRIC_COLUMNS) <= set(ids)
     assert {"params.`lr`", "params.`lambda1`"} <= set(ids)      # NBA's searched parameters

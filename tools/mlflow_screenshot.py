@@ -1,11 +1,12 @@
 """The README's MLflow screenshot: the runs view a sweep links to, opened in headless Chromium.
 
 Starts ``mlflow ui`` on 127.0.0.1 over a sweep's work directory (its ``mlflow.db``), opens the
-experiment's shared runs view (the ``viewStateShareKey`` link the sweep prints), waits for the
-runs table, closes the UI's assistant panel, saves a PNG and, with ``--table``, writes the table
-as the page shows it (its columns and rows, read from the DOM) as JSON::
+link the sweep printed (``--link``; without it, the experiment's shared runs view, the
+``viewStateShareKey`` its sweep stored), waits for the runs table, closes the UI's assistant
+panel, saves a PNG and, with ``--table``, writes what the page shows (the runs table's columns
+and rows and the sidebar's entries, read from the DOM) as JSON::
 
-    python tools/mlflow_screenshot.py sweep-runs [--out docs/img/quickstart_mlflow_compare.png]
+    python tools/mlflow_screenshot.py sweep-runs [--link URL] [--out docs/img/quickstart_mlflow_compare.png]
         [--experiment quickstart] [--table table.json]
 
 Needs Chromium and its driver (Debian: ``apt-get install chromium chromium-driver``; another
@@ -45,7 +46,9 @@ for (const part of document.querySelectorAll('.ag-row[row-index]')) {
   for (const c of part.querySelectorAll('.ag-cell[col-id]')) cells[c.getAttribute('col-id')] = c.innerText.trim();
 }
 const count = document.body.innerText.match(/(\\d+) matching runs?/);
+const nav = document.querySelector('nav');
 return {columns, matching_runs: count ? Number(count[1]) : null,
+        sidebar: nav ? nav.innerText.split('\\n').map(s => s.trim()).filter(Boolean) : [],
         rows: Object.keys(rows).sort((a, b) => a - b).map(i => rows[i])};
 """
 
@@ -139,21 +142,23 @@ def _wait_for_table(browser, timeout: float) -> dict:
     raise SystemExit(f"error: the runs table did not settle within {timeout:.0f} s")
 
 
-def capture(workdir: Path, out: Path, experiment: str = "quickstart", width: int = 1600, height: int = 760,
-            timeout: float = 120.0) -> dict:
-    """Open the experiment's shared runs view of ``workdir/mlflow.db``, save ``out`` (PNG) and
-    return the runs table as the page shows it.
+def capture(workdir: Path, out: Path, experiment: str = "quickstart", link: str | None = None,
+            width: int = 1600, height: int = 1100, timeout: float = 120.0) -> dict:
+    """Open a sweep's runs view over ``workdir/mlflow.db``, save ``out`` (PNG) and return what
+    the page shows.
 
     Args:
         workdir: a sweep's work directory holding ``mlflow.db``.
         out: where the PNG goes.
         experiment: the MLflow experiment (a sweep's is its preset's name).
+        link: the link the sweep printed (``http://…/#/experiments/…``; only its part from ``#/``
+            is used); None: the experiment's shared runs view.
         width, height: the browser window, in CSS pixels.
         timeout: seconds to wait for the runs table.
 
     Returns:
-        ``{"url", "columns": [{"id", "text"}], "rows": [{column id: cell text}], "matching_runs"}``,
-        rows in the order the page shows them.
+        ``{"url", "columns": [{"id", "text"}], "rows": [{column id: cell text}], "matching_runs",
+        "sidebar": [entry]}``, rows in the order the page shows them.
     """
     db = workdir / "mlflow.db"
     if not db.is_file():
@@ -163,7 +168,12 @@ def capture(workdir: Path, out: Path, experiment: str = "quickstart", width: int
         raise SystemExit("error: Chromium or its driver is missing (apt-get install chromium chromium-driver, "
                          "or set SWEEP_CHROMIUM and SWEEP_CHROMEDRIVER)")
     tracking_uri = f"sqlite:///{db.resolve()}"
-    path = shared_view_path(tracking_uri, experiment)
+    if link is None:
+        path = shared_view_path(tracking_uri, experiment)
+    elif "#/" in link:
+        path = link[link.index("#/"):]
+    else:
+        raise SystemExit(f"error: --link {link!r} is not a link into the MLflow UI (it has no '#/')")
     with tempfile.TemporaryDirectory(prefix="mlflow-ui-") as tmp, mlflow_ui(tracking_uri, Path(tmp) / "ui.log") as base, \
             headless_chromium(*browser_paths, width, height) as browser:
         browser.get(f"{base}/{path}")
@@ -181,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workdir", type=Path, help="a sweep's work directory (holding mlflow.db)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the PNG (default {DEFAULT_OUT})")
     parser.add_argument("--experiment", default="quickstart", help="the MLflow experiment (default quickstart)")
+    parser.add_argument("--link", help="the link the sweep printed (default: the experiment's shared runs view)")
     parser.add_argument("--table", type=Path, help="also write the runs table the page shows, as JSON")
     parser.add_argument("--width", type=int, default=1600)
-    parser.add_argument("--height", type=int, default=760)
+    parser.add_argument("--height", type=int, default=1100)
     args = parser.parse_args(argv)
-    table = capture(args.workdir, args.out, args.experiment, args.width, args.height)
+    table = capture(args.workdir, args.out, args.experiment, args.link, args.width, args.height)
     if args.table:
         args.table.write_text(json.dumps(table, indent=1))
     print(f"wrote {args.out}: {len(table['rows'])} runs of {table['url']}")
