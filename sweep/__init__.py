@@ -8,32 +8,38 @@ The CLI (``python -m sweep``) calls:
 * ``run_sweep(cfg, workdir=, tracking_uri=, address=, resume=, experiment=) -> SweepResult``;
 * ``make_report(sweep_id_or_preset, workdir=, tracking_uri=, experiment=) -> Report``.
 
-``docs/architecture.md`` follows one trial from the CLI to its MLflow run, module by module.
+The layers, each a sub-package with a public ``__init__``: ``config`` <- ``planning`` <- ``execution``
+(the one that imports Ray); ``config`` <- ``tracking`` <- ``analysis``; ``bench`` beside them, for
+the CLI alone. ``docs/architecture.md`` follows one trial from the CLI to its MLflow run.
 Importing this package does not import Ray, MLflow or torch; they load when a sweep starts.
 """
 from __future__ import annotations
 
-from sweep.config import SweepConfig, format_config
+from sweep.config import SweepConfig, format_config, list_presets, load_preset
 from sweep.errors import ConfigError, SweepError
-from sweep.preset import list_presets, load_preset
 
 
 def dry_run(cfg: SweepConfig, workdir=None, address=None) -> str:
     """The plan, its cost and how it packs onto this machine or the cluster at ``address``."""
-    from sweep.estimate import dry_run as _dry_run
-    from sweep.packing import packing_section
+    from sweep.planning import dry_run as _dry_run
+    from sweep.planning import packing_section
 
-    return _dry_run(cfg, workdir) + packing_section(cfg, address)
+    cluster = None
+    if address:                     # the cluster's resources: Ray, joined and left
+        from sweep.execution import cluster_resources
+
+        cluster = cluster_resources(address)
+    return _dry_run(cfg, workdir) + packing_section(cfg, address, cluster)
 
 
 def run_sweep(cfg: SweepConfig, **kwargs):
-    from sweep.runner import run_sweep as _run_sweep
+    from sweep.execution import run_sweep as _run_sweep
 
     return _run_sweep(cfg, **kwargs)
 
 
 def make_report(sweep_id_or_preset: str, **kwargs):
-    from sweep.report import make_report as _make_report
+    from sweep.analysis import make_report as _make_report
 
     return _make_report(sweep_id_or_preset, **kwargs)
 

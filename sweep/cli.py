@@ -73,6 +73,14 @@ def cmd_list(args) -> int:
             _print(f"  {name} ({cls.kind}): {cls.summary}")
             for pname, tname, default, doc in describe(cls.Params):
                 _print(f"      {pname} [{tname}] = {default!r}  {doc}")
+    from trainables.recipes import RECIPE_SUMMARIES, recipe_fields
+
+    _print("attack-training recipes (train.recipe / budget.attack.recipe; single fields override):")
+    for name, summary in RECIPE_SUMMARIES.items():
+        fields = recipe_fields(name)
+        _print(f"  {name}: {summary}")
+        _print("      " + " ".join(f"{k}={fields[k]}" for k in ("epochs", "lr", "schedule", "batch_size", "weight_decay",
+                                                                "nesterov", "augment", "shuffle")))
     _print("presets:")
     for name, summary in _presets():
         _print(f"  {name}: {summary}")
@@ -81,8 +89,11 @@ def cmd_list(args) -> int:
 
 def _presets() -> list[tuple[str, str]]:
     import yaml
+
+    from sweep.config import PRESETS_DIR
+
     rows = []
-    for p in sorted((Path(__file__).parent / "presets").glob("*.yaml")):
+    for p in sorted(PRESETS_DIR.glob("*.yaml")):
         try:
             doc = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError:
@@ -93,16 +104,16 @@ def _presets() -> list[tuple[str, str]]:
 
 def cmd_train(args) -> int:
     from trainables.engine import pick_runtime
-    from trainables.stages import _build_attack_stage, resolve_attack_stage
+    from trainables.stages import build_attack_stage, resolve_attack_stage
 
     sets = parse_sets(args.set, ("train",))["train"]
     if args.epochs is not None:
         sets["epochs"] = args.epochs
     spec = resolve_attack_stage(args.dataset, args.model, "none", {}, sets, args.seed)
     out = Path(args.out)
-    _build_attack_stage(spec, out, cache=args.cache, data_root=args.data_root, rt=pick_runtime(args.device),
-                        progress=lambda m: _print(f"[train {spec.model} {spec.dataset}] {m}"),
-                        epoch_eval_size=args.eval_size)
+    build_attack_stage(spec, out, cache=args.cache, data_root=args.data_root, rt=pick_runtime(args.device),
+                       progress=lambda m: _print(f"[train {spec.model} {spec.dataset}] {m}"),
+                       epoch_eval_size=args.eval_size)
     _print(f"wrote {out / 'model.pt'}, {out / 'spec.json'}, {out / 'metrics.json'}")
     return 0
 
@@ -146,12 +157,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from sweep import bench
-    return bench.main(args)
+    from sweep.bench import main as bench
+    return bench(args)
 
 
 def cmd_report(args) -> int:
-    from sweep.report import layout_section, make_report, make_seeds_report
+    from sweep.analysis import layout_section, make_report, make_seeds_report
     if args.seeds:
         path = make_seeds_report(args.sweep, workdir=args.workdir, tracking_uri=args.tracking_uri, progress=_print)
         print(layout_section(path.read_text()))
@@ -216,8 +227,8 @@ def cmd_preset(argv: list[str]) -> int:
 
 
 def cmd_replicate(argv: list[str]) -> int:
-    from sweep.preset import config_with
-    from sweep.report import replication_config
+    from sweep.analysis import replication_config
+    from sweep.config import config_with
 
     args = replicate_parser().parse_args(argv)
     cfg, sets, said = replication_config(args.sweep, args.seed, workdir=args.workdir, tracking_uri=args.tracking_uri)
@@ -237,8 +248,8 @@ def _run_config(cfg, args) -> int:
     if args.dry_run:
         _print(dry_run(cfg, address=args.address))
         return 0
-    from sweep.report import make_report
-    from sweep.runner import run_sweep
+    from sweep.analysis import make_report
+    from sweep.execution import run_sweep
 
     result = run_sweep(cfg, workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address,
                        resume=args.resume, experiment=args.experiment, optuna_storage=args.optuna_storage,

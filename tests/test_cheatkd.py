@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from sweep.spaces import load_space
+from sweep.config import load_space
 from trainables import kd, registry
 from trainables.attacks.base import Attack, AttackParams, FitContext, poison_training_set, triggered_test_set
 from trainables.attacks.cheatkd import (CheatKD, Params, assimilation_loss, delta_values, gather_poisoned,

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from sweep import ConfigError, dry_run, format_config, list_presets, load_preset
-from sweep.plan import make_plan
-from sweep.spaces import first_point, optuna_space
+from sweep.planning import make_plan
+from sweep.config import optuna_point, optuna_space
 
 PRESETS = ("quickstart", "nba_cifar", "dlp_cifar", "cheatkd_cifar100", "nba_table2", "dlp_table3", "cheatkd_table2")
 
@@ -142,9 +142,10 @@ def test_overrides_narrow_pin_add_and_drop():
     # the budget pins epochs (a fixed parameter, checked against the Params bounds only)
     assert nba.params_dict["epochs"] == 4 and "epochs" not in space
     # the first trial names every searched parameter by its flat name, at the default
-    point = first_point(space)
+    point = optuna_point(space, nba.first_trial())
     assert set(point) == set(optuna_space(space)) == set(space)
     assert point["lambda1"] == 2.0 and point["lambda3"] == 0.3
+    assert nba.first_trial() == {**nba.params_dict, **{n: d.default for n, d in space.items()}}
     # categoricals narrow by choices
     ck = load_preset("cheatkd_cifar100", ["attacks.cheatkd.space.delta_rule=[mean, max]"])
     assert next(d for d in ck.attack("cheatkd").space if d.name == "delta_rule").choices == ("mean", "max")
@@ -270,8 +271,8 @@ def test_config_is_frozen_and_hash_tracks_content():
 def test_also_try_points_follow_the_paper_default_and_leave_other_hashes_alone(tmp_path):
     """``also_try`` (what ``replicate`` sets): points the search evaluates right after the paper
     default, each completed with the paper defaults; a config without them hashes as before."""
-    from sweep.plan import make_plan
-    from sweep.searchers import make_searcher
+    from sweep.planning import make_plan
+    from sweep.execution._searchers import make_searcher
 
     cfg = load_preset("quickstart")
     tried = load_preset("quickstart", ["defenses.nba.also_try=[{lambda1: 2.5, beta: 1.0}]"])
@@ -339,7 +340,7 @@ def test_every_method_states_its_own_cost():
 # ============================================================================ folders for workers
 
 def test_relative_folders_become_absolute_against_the_driver_cwd():
-    from sweep.preset import absolute_paths
+    from sweep.config import absolute_paths
 
     d = {"dataset": "imagefolder:data/cifar", "data_root": "../datasets",
          "attacks": {"badnets": {"dataset": "imagefolder:./other"}, "blend": {"dataset": None}, "sig": {}}}

@@ -398,7 +398,7 @@ def test_clean_subset_bad_fraction(fraction):
 
 def test_the_cost_estimate_counts_an_imagefolders_images(tree, tmp_path):
     """The dry run prices an ImageFolder dataset by its file counts (listed, not decoded)."""
-    from sweep.estimate import dataset_sizes
+    from sweep.planning import dataset_sizes
 
     assert dataset_sizes(f"imagefolder:{tree}") == (12, 7)
     assert dataset_sizes(f"imagefolder:{tmp_path / 'absent'}") is None      # unknown, not an error

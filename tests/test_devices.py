@@ -142,7 +142,7 @@ def test_a_ray_task_given_no_gpu_runs_on_the_cpu_where_a_gpu_is_visible():
     GPU picks CUDA with fp16 and a scaler. No CUDA call is made, so no GPU is needed."""
     import ray
 
-    from sweep import compat
+    from sweep.execution import _compat as compat
 
     def probe():
         import torch

@@ -37,7 +37,7 @@ import math
 import pytest
 import torch
 
-from sweep.spaces import load_space
+from sweep.config import load_space
 from trainables.attacks.base import poison_training_set, triggered_test_set
 from trainables.data import clean_subset
 from trainables.data.loader import to_float

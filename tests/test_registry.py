@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import yaml
 
-from sweep.spaces import load_space, space_file, spaces_dir
+from sweep.config import load_space, space_file, spaces_dir
 from trainables.params import make_params
 from trainables.registry import attacks, defenses
 

@@ -1,4 +1,4 @@
-"""When the sweep's Tuners run (``sweep.phases``): every Tuner as soon as its inputs exist, at most
+"""When the sweep's Tuners run (``sweep.execution``'s schedule): every Tuner as soon as its inputs exist, at most
 ``search.max_tuners`` at once, in the plan's order when one at a time; an interrupt stops them all.
 Ray-free: the units and the attack stages are stand-ins here; the Ray and cluster tiers run real
 Tuners (``test_cluster_sweep``: two pairs' trials overlap on a 2-node cluster)."""
@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from sweep import phases
-from sweep.phases import READY, SKIP, WAIT, Unit
-from sweep.plan import make_plan
-from sweep.preset import load_preset
+from sweep.execution import _schedule as schedule
+from sweep.execution._schedule import READY, SKIP, WAIT, Unit
+from sweep.planning import make_plan
+from sweep.config import load_preset
 from sweep import dry_run
-from sweep.state import SweepState
+from sweep.tracking import SweepState
 
 TWO_ATTACKS = ["dataset=synthetic:400:200", "budget.attack={epochs: 2}", "budget.defense_epochs=1",
                "defenses.ft.num_samples=1"]
@@ -58,9 +58,9 @@ def _stages(log, seconds=0.3, fill=None):
 def test_every_ready_tuner_runs_at_once(monkeypatch):
     log = Log()
     ctx, _ = _ctx()
-    monkeypatch.setattr(phases, "run_attack_stages", _stages(log, 0.0))
-    monkeypatch.setattr(phases, "tuner_units", lambda ctx: [_unit(log, k) for k in "abc"])
-    phases.run_phases(ctx, threading.Event())
+    monkeypatch.setattr(schedule, "run_attack_stages", _stages(log, 0.0))
+    monkeypatch.setattr(schedule, "tuner_units", lambda ctx: [_unit(log, k) for k in "abc"])
+    schedule.run_schedule(ctx, threading.Event())
     spans = log.spans()
     assert set(spans) == {"stages", "a", "b", "c"}
     # all three were running at one moment
@@ -70,9 +70,9 @@ def test_every_ready_tuner_runs_at_once(monkeypatch):
 def test_max_tuners_one_runs_them_in_order_one_after_another(monkeypatch):
     log = Log()
     ctx, _ = _ctx(max_tuners=1)
-    monkeypatch.setattr(phases, "run_attack_stages", _stages(log, 0.0))
-    monkeypatch.setattr(phases, "tuner_units", lambda ctx: [_unit(log, k, 0.1) for k in "abc"])
-    phases.run_phases(ctx, threading.Event())
+    monkeypatch.setattr(schedule, "run_attack_stages", _stages(log, 0.0))
+    monkeypatch.setattr(schedule, "tuner_units", lambda ctx: [_unit(log, k, 0.1) for k in "abc"])
+    schedule.run_schedule(ctx, threading.Event())
     spans = log.spans()
     assert spans["a"][1] <= spans["b"][0] and spans["b"][1] <= spans["c"][0]
 
@@ -82,7 +82,7 @@ def test_a_tuner_waits_for_its_stage_and_others_need_not(monkeypatch):
     ``never`` is skipped with its reason once the stages are settled without its input."""
     log = Log()
     ctx, said = _ctx()
-    monkeypatch.setattr(phases, "run_attack_stages", _stages(log, 0.5))
+    monkeypatch.setattr(schedule, "run_attack_stages", _stages(log, 0.5))
 
     def needs_stage(settled):
         return (READY, "") if "h" in ctx.stage_dirs else (WAIT, "")
@@ -90,10 +90,10 @@ def test_a_tuner_waits_for_its_stage_and_others_need_not(monkeypatch):
     def needs_missing(settled):
         return (SKIP, "skipped: its stage failed") if settled else (WAIT, "")
 
-    monkeypatch.setattr(phases, "tuner_units", lambda c: [_unit(log, "late", 0.1, needs_stage),
+    monkeypatch.setattr(schedule, "tuner_units", lambda c: [_unit(log, "late", 0.1, needs_stage),
                                                           _unit(log, "early", 0.2),
                                                           _unit(log, "never", 0.1, needs_missing)])
-    phases.run_phases(ctx, threading.Event())
+    schedule.run_schedule(ctx, threading.Event())
     spans = log.spans()
     assert spans["late"][0] >= spans["stages"][1]
     assert spans["early"][0] < spans["stages"][1]
@@ -115,11 +115,11 @@ def test_an_interrupt_stops_every_running_tuner_and_is_raised(monkeypatch):
         assert stop.wait(30), "the stop event never came"
         returned.append("b")
 
-    monkeypatch.setattr(phases, "run_attack_stages", lambda ctx, stop: None)
-    monkeypatch.setattr(phases, "tuner_units", lambda c: [Unit("a", lambda s: (READY, ""), interrupted),
+    monkeypatch.setattr(schedule, "run_attack_stages", lambda ctx, stop: None)
+    monkeypatch.setattr(schedule, "tuner_units", lambda c: [Unit("a", lambda s: (READY, ""), interrupted),
                                                           Unit("b", lambda s: (READY, ""), long_tuner)])
     with pytest.raises(KeyboardInterrupt):
-        phases.run_phases(ctx, stop)
+        schedule.run_schedule(ctx, stop)
     assert stop.is_set() and returned == ["b"]
 
 
@@ -135,12 +135,12 @@ def sweep(tmp_path):
 
 
 def _checks(ctx, settled):
-    return {u.key: u.check(settled)[0] for u in phases.tuner_units(ctx)}
+    return {u.key: u.check(settled)[0] for u in schedule.tuner_units(ctx)}
 
 
 def test_the_units_of_a_two_attack_sweep_and_what_they_wait_for(sweep):
     ctx = sweep
-    keys = [u.key for u in phases.tuner_units(ctx)]
+    keys = [u.key for u in schedule.tuner_units(ctx)]
     assert keys == ["defaults__badnets", "defaults__blend", "badnets__nba", "blend__nba",
                     "crosscheck__nba__badnets", "crosscheck__nba__blend"]
     assert set(_checks(ctx, settled=False).values()) == {WAIT}
@@ -151,7 +151,7 @@ def test_the_units_of_a_two_attack_sweep_and_what_they_wait_for(sweep):
                                            "crosscheck__nba__badnets": WAIT, "crosscheck__nba__blend": WAIT}
     # every stage exists and BadNets' search is done: its cross-check may start, Blend's waits
     ctx.stage_dirs[ctx.plan.stage_for("blend").hash] = "/l"
-    ctx.state.set_phase("badnets__nba", "done")
+    ctx.state.set_tuner_status("badnets__nba", "done")
     checks = _checks(ctx, settled=True)
     assert checks["crosscheck__nba__badnets"] == READY and checks["crosscheck__nba__blend"] == WAIT
     assert checks["badnets__nba"] == SKIP                       # already done
@@ -161,8 +161,8 @@ def test_a_failed_stage_skips_its_tuners_and_every_cross_check(sweep):
     ctx = sweep
     ctx.failed_stages["blend"] = "boom"
     ctx.stage_dirs[ctx.plan.stage_for("badnets").hash] = "/b"
-    ctx.state.set_phase("badnets__nba", "done")
-    checks = {u.key: u.check(True) for u in phases.tuner_units(ctx)}
+    ctx.state.set_tuner_status("badnets__nba", "done")
+    checks = {u.key: u.check(True) for u in schedule.tuner_units(ctx)}
     assert checks["blend__nba"] == (SKIP, "skipped: its attack stage failed (boom)")
     assert checks["defaults__badnets"][0] == READY
     assert checks["crosscheck__nba__badnets"] == (SKIP, "left for --resume: an attack stage failed")
@@ -173,7 +173,7 @@ def test_a_failed_pair_leaves_its_cross_check_for_resume(sweep):
     for a in ("badnets", "blend"):
         ctx.stage_dirs[ctx.plan.stage_for(a).hash] = f"/{a}"
     ctx.state.set_failed("blend__nba", {"blend__nba": "boom"})
-    checks = {u.key: u.check(True) for u in phases.tuner_units(ctx)}
+    checks = {u.key: u.check(True) for u in schedule.tuner_units(ctx)}
     assert checks["crosscheck__nba__blend"] == (SKIP, "left for --resume: blend__nba failed")
 
 
@@ -182,7 +182,7 @@ def test_a_failed_pair_leaves_its_cross_check_for_resume(sweep):
 def test_the_schedule_model_fills_slots_that_one_tuner_at_a_time_leaves_idle():
     """Two Tuners of 3 one-second trials on 2 slots: together they take 3 s at 100%; one after
     another, each Tuner's third trial runs alone (4 s, 75%). A cross-check starts after its pair."""
-    from sweep.packing import TunerLoad, simulate
+    from sweep.planning import TunerLoad, simulate
 
     loads = [TunerLoad("a", 3, 1.0), TunerLoad("b", 3, 1.0)]
     both = simulate(loads, slots=2, per_tuner=2)

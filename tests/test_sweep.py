@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from sweep.config import Selection
-from sweep.paper_tables import load_table
-from sweep.preset import load_preset
-from sweep.selection import best_across_attacks, pareto_front, select_best
+from sweep.config import load_table
+from sweep.config import load_preset
+from sweep.analysis import best_across_attacks, pareto_front, select_best
 from trainables.job import TrialCase, TrialJob, decode
 from trainables.params import freeze
 
@@ -59,7 +59,7 @@ def test_pareto_front_and_the_ba_within_rule():
 def test_the_old_rule_picks_the_no_op_and_the_bound_rule_picks_the_defense():
     """As measured in a quickstart sweep: the config that leaves the model alone keeps the best BA
     and its backdoor; ``ba_within`` selects it, the default ``bound`` rule does not."""
-    from sweep.selection import choose
+    from sweep.analysis import choose
 
     df = _runs([
         {"key": "no-op", "asr": 0.9644, "ba": 0.830},     # barely changed: the backdoored model's BA
@@ -87,10 +87,10 @@ def test_across_attacks_the_bound_rule_takes_the_best_mean_ba_among_configs_that
         rows += [{"attack": attack, "key": "A", "asr": asr_a, "ba": 0.76},
                  {"key": "B", "attack": attack, "asr": asr_b, "ba": 0.81}]
     best = best_across_attacks(_runs(rows), ["badnets", "blend"], BOUND)
-    assert best["config_key"] == "A" and "note" not in best      # B leaves blend's backdoor in
+    assert best.config_key == "A" and best.note is None          # B leaves blend's backdoor in
     rows = [r for r in rows if r["key"] == "B"]
     best = best_across_attacks(_runs(rows), ["badnets", "blend"], BOUND)
-    assert best["config_key"] == "B" and "no configuration reaches asr ≤ 10% on every attack" in best["note"]
+    assert best.config_key == "B" and "no configuration reaches asr ≤ 10% on every attack" in best.note
 
 
 def test_best_across_attacks_uses_worst_case_asr_of_configs_measured_everywhere():
@@ -100,16 +100,17 @@ def test_best_across_attacks_uses_worst_case_asr_of_configs_measured_everywhere(
                  {"attack": attack, "key": "B", "asr": asr_b, "ba": 0.80}]
     rows.append({"attack": "badnets", "key": "C", "asr": 0.0, "ba": 0.81})     # not measured on blend
     best = best_across_attacks(_runs(rows), ["badnets", "blend"], SEL)
-    assert best["config_key"] == "B" and best["worst_case_asr"] == 0.03
-    assert best["n_configs_on_all_attacks"] == 2
-    assert set(best["per_attack"]) == {"badnets", "blend"}
+    assert best.config_key == "B" and (best.metric, best.worst_case) == ("asr", 0.03)
+    assert best.to_dict()["worst_case_asr"] == 0.03
+    assert best.n_configs_on_all_attacks == 2
+    assert set(best.per_attack) == {"badnets", "blend"}
 
 
 def test_dlp_table3_layout_puts_the_papers_numbers_beside_ours():
     """DLP Table 3's layout (rows defenses, columns attacks, CA / ASR) from hand-made runs."""
-    from sweep.selection import build_best_configs
-    from sweep.tables import tables_markdown
-    from sweep.tracking import config_key, full_defense_params
+    from sweep.analysis import build_best_configs
+    from sweep.analysis import tables_markdown
+    from sweep.config import config_key, full_defense_params
 
     cfg = load_preset("dlp_table3")
     rows = []
@@ -124,7 +125,8 @@ def test_dlp_table3_layout_puts_the_papers_numbers_beside_ours():
     runs = _runs(rows)
     runs["candidate"] = runs["candidate"] & (runs["ray_trial_id"] != "")
     best = build_best_configs(cfg, "s", runs)
-    assert best["defenses"]["dlp"]["per_attack"]["sig"]["paper_default"]["metrics"]["asr"] == 0.05
+    assert best.pair("dlp", "sig").paper_default.metrics["asr"] == 0.05
+    assert best.to_dict()["defenses"]["dlp"]["per_attack"]["sig"]["paper_default"]["metrics"]["asr"] == 0.05
     md, tables = tables_markdown(cfg, runs, best)
     assert "DLP Table 3" in md and "CA / ASR" in md
     assert "| defense | badnets | trojannn | blend | cla | sig |" in md
@@ -145,7 +147,7 @@ def _long(seed, cells):
 
 
 def test_a_report_over_seeds_gives_mean_and_std_and_says_whether_the_search_beat_the_default():
-    from sweep.tables import aggregate_seeds, best_against_default
+    from sweep.analysis import aggregate_seeds, best_against_default
 
     per_seed = pd.concat([_long(s, {
         ("badnets", "none", "-"): (1.0, 0.80 + d),
@@ -177,7 +179,7 @@ def test_the_repeats_of_a_sweep_at_other_seeds_are_found(tmp_path):
     """``report --seeds`` groups the sweeps of one preset that measure the same cells at other
     seeds: the config but the seed and the search settings, over all or some of the attacks (one
     sweep per seed: the named one for its own seed; else finished, more attacks, newer first)."""
-    from sweep.state import SweepState
+    from sweep.tracking import SweepState
 
     def made(overrides, status, created):
         st = SweepState.create(load_preset("quickstart", overrides), tmp_path)
@@ -205,7 +207,7 @@ def test_the_repeats_of_a_sweep_at_other_seeds_are_found(tmp_path):
 
 
 def test_every_paper_table_loads_and_the_presets_choose_theirs():
-    from sweep.paper_tables import known_tables
+    from sweep.config import known_tables
 
     assert known_tables() == ["cheatkd_students", "cheatkd_table2", "dlp_table3", "nba_table2"]
     assert load_table("nba_table2").value("sig", "nba") == {"asr": 1.95, "ba": 81.71}
@@ -240,10 +242,10 @@ def test_a_searched_job_decodes_proposals_and_a_case_job_picks_its_case():
     job = _job(searched=pair, decoders=(("behaviours", freeze({"rnb,lnb": ["rnb", "lnb"]})),))
     case = job.case({"lr": 0.05, "behaviours": "rnb,lnb"})
     assert case.params_dict == {"epochs": 1, "lr": 0.05, "behaviours": ["rnb", "lnb"]}
-    assert (case.attack, case.defense, case.phase, case.artifact_dir) == ("badnets", "nba", "search", "/a")
+    assert (case.attack, case.defense, case.purpose, case.artifact_dir) == ("badnets", "nba", "search", "/a")
     cases = (TrialCase("blend", "nba", freeze({"lr": 0.1}), "crosscheck", "g", "/b"),)
     cross = _job(cases=cases).case({"case": 0})
-    assert cross.attack == "blend" and cross.phase == "crosscheck" and cross.params_dict == {"lr": 0.1}
+    assert cross.attack == "blend" and cross.purpose == "crosscheck" and cross.params_dict == {"lr": 0.1}
     with pytest.raises(ValueError, match="runs fixed cases"):
         _job(cases=cases).case({"lr": 0.1})
     assert decode({"a": 1}, None) == {"a": 1}
@@ -292,7 +294,7 @@ def test_ctrl_c_and_sigterm_stop_the_sweep_instead_of_one_tuner():
     handler is off (KeyboardInterrupt reaches the runner, which closes the open runs) and
     SIGTERM raises too. Both settings are put back afterwards."""
     from sweep.errors import SweepInterrupted
-    from sweep.ray_session import interruptible
+    from sweep.execution._ray_session import interruptible
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SweepInterrupted):
@@ -306,7 +308,7 @@ def test_ctrl_c_and_sigterm_stop_the_sweep_instead_of_one_tuner():
 # ============================================================================ the workers' environment
 
 def test_workers_get_the_driver_settings_the_trainables_read():
-    from sweep.ray_session import worker_env
+    from sweep.execution._ray_session import worker_env
 
     environ = {"SWEEP_DATA_ROOT": "data", "SWEEP_CACHE_DIR": "/abs/cache", "SWEEP_AMP": "0",
                "SWEEP_DEVICE": "cpu", "SWEEP_PLUGINS": "my_plugin", "SWEEP_CHANNELS_LAST": "",
@@ -322,7 +324,7 @@ def test_every_variable_the_trainables_read_reaches_the_workers():
     node silently runs without it), or be one of a node's own settings (``NODE_ENV``)."""
     import re
 
-    from sweep.ray_session import NODE_ENV, WORKER_ENV
+    from sweep.execution._ray_session import NODE_ENV, WORKER_ENV
 
     read = set()
     for f in (ROOT / "trainables").rglob("*.py"):

@@ -26,7 +26,7 @@ import psutil
 import pytest
 import yaml
 
-from sweep.preset import load_preset
+from sweep.config import load_preset
 from sweep.tracking import TAG_KEYS
 
 pytestmark = pytest.mark.ray
@@ -65,8 +65,8 @@ def _png(path):
 # ============================================================================ a reduced quickstart
 
 def test_reduced_quickstart_sweep_tracks_everything_and_a_failing_trial_fails_alone(tmp_path, monkeypatch):
-    from sweep.report import make_report
-    from sweep.runner import run_sweep
+    from sweep.analysis import make_report
+    from sweep.execution import run_sweep
 
     # NBA searches lr in [0.05, 0.1], the paper's 0.1 first (NBA's default is 0.03); a test
     # plugin's trial hook makes the first trial with lr < 0.1 raise
@@ -185,7 +185,7 @@ def test_a_trial_that_crashed_mid_way_is_retried_from_its_checkpoint(tmp_path, m
     (max_failures=1) and the retry goes on from the checkpoint after epoch 2: one run per trial,
     all FINISHED, the retried one marked ``resumed`` with each epoch logged once, and no
     checkpoint left behind."""
-    from sweep.runner import run_sweep
+    from sweep.execution import run_sweep
 
     _use_plugin(monkeypatch, "sweep_crash_mid_trial_once")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -212,8 +212,8 @@ def test_early_stopping_stops_trials_at_the_same_epoch_and_tells_optuna_pruned(t
     COMPLETE; a trial that ran its schedule is COMPLETE."""
     import optuna
 
-    from sweep.runner import run_sweep
-    from sweep.searchers import journal
+    from sweep.execution import run_sweep
+    from sweep.execution._searchers import journal
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_preset("quickstart", TINY + [
@@ -247,7 +247,7 @@ def test_tuners_starting_at_once_register_their_trainables_without_a_race():
     import ray
     from ray.tune.registry import get_trainable_cls
 
-    from sweep import tuners
+    from sweep.execution import _tuners as tuners
 
     ctx = SimpleNamespace(cfg=SimpleNamespace(resources=SimpleNamespace(cpus=1, gpus=0)))
     ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=100 * 2 ** 20)
@@ -298,7 +298,7 @@ def test_a_failed_pair_makes_the_sweep_partial_and_resume_redoes_only_it(tmp_pat
     state = _state(tmp_path)
     sweep_dir = tmp_path / "sweeps" / state["sweep_id"]
     assert state["status"] == "partial"
-    assert state["phases"] == {"defaults__badnets": "failed", "badnets__ft": "done"}
+    assert state["tuners"] == {"defaults__badnets": "failed", "badnets__ft": "done"}
     assert list(state["failures"]["defaults__badnets"]) == ["badnets__nba"]
     assert (sweep_dir / "report" / "report.md").is_file()          # the report of what finished
     c, runs = _all_runs(tmp_path)
@@ -311,7 +311,7 @@ def test_a_failed_pair_makes_the_sweep_partial_and_resume_redoes_only_it(tmp_pat
     assert main(args + ["--resume"]) == 0, capsys.readouterr().err
     state = _state(tmp_path)
     assert state["status"] == "finished" and state["failures"] == {}
-    assert state["phases"] == {"defaults__badnets": "done", "badnets__ft": "done"}
+    assert state["tuners"] == {"defaults__badnets": "done", "badnets__ft": "done"}
     assert list((sweep_dir / "ray").glob("defaults__badnets.failed-*"))      # the failed Tuner's files, kept aside
     c, runs = _all_runs(tmp_path)
     assert not [r for r in runs if r.info.status == "RUNNING"]
@@ -394,7 +394,7 @@ def test_a_sweep_whose_every_stage_fails_exits_nonzero(tmp_path, monkeypatch, ca
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "ended partial (1 failed: attack stage badnets)" in last, last
     state = _state(tmp_path / "w")
-    assert state["status"] == "partial" and state["phases"] == {}
+    assert state["status"] == "partial" and state["tuners"] == {}
     c, runs = _all_runs(tmp_path / "w")
     (attack_run,) = [r for r in runs if r.data.tags["role"] == "attack"]
     assert attack_run.info.status == "FAILED" and "no class folders" in attack_run.data.tags["error"]
@@ -404,8 +404,8 @@ def test_a_sweep_whose_every_stage_fails_exits_nonzero(tmp_path, monkeypatch, ca
 
 DRIVER = """
 import json, os, sys
-from sweep.preset import load_preset
-from sweep.runner import run_sweep
+from sweep.config import load_preset
+from sweep.execution import run_sweep
 cfg = load_preset("quickstart", json.loads(sys.argv[2]))
 res = run_sweep(cfg, workdir=sys.argv[1], resume=sys.argv[3] == "resume", progress=print,
                 optuna_storage=os.environ.get("SWEEP_OPTUNA_STORAGE"))
@@ -452,7 +452,7 @@ def test_killed_driver_resumes_without_duplicates_and_trains_the_attack_once(whe
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from sweep.runner import run_sweep
+    from sweep.execution import run_sweep
 
     workdir = tmp_path / "w"
     workdir.mkdir()
@@ -537,7 +537,7 @@ def test_killed_driver_resumes_without_duplicates_and_trains_the_attack_once(whe
     (parent,) = [r for r in runs if r.data.tags["role"] == "sweep"]
     assert parent.info.status == "FINISHED" and parent.info.run_id == res.parent_run_id
     state = json.loads(next((workdir / "sweeps").glob("*/sweep.json")).read_text())
-    assert state["status"] == "finished" and state["phases"]["badnets__nba"] == "done"
+    assert state["status"] == "finished" and state["tuners"]["badnets__nba"] == "done"
     if where == "storage":                # the stored copy of the state is the finished one
         assert json.loads(next((store / "sweeps").glob("*/sweep.json")).read_text())["status"] == "finished"
         assert not any((store / "sweeps").glob("*/.checkpoints/*/*")), "a finished trial's checkpoints remain"

@@ -5,12 +5,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from sweep import phases
+from sweep.execution import _schedule as schedule
 from sweep.cli import EXIT_PARTIAL, main
-from sweep.preset import load_preset
-from sweep.runner import SweepResult, _finish, outcome
-from sweep.state import SweepState
-from sweep.tuners import finished_cases
+from sweep.config import load_preset
+from sweep.execution._runner import SweepResult, _finish, outcome
+from sweep.tracking import SweepState
+from sweep.execution._tuners import finished_cases
 
 TINY = ["dataset=synthetic:400:200", "attacks=[badnets]", "budget.attack={epochs: 2, batch_size: 64}"]
 
@@ -29,11 +29,11 @@ def test_a_failed_stage_or_pair_makes_the_sweep_partial():
 
 
 def test_failures_are_kept_until_the_tuner_is_done(state):
-    state.set_phase("badnets__nba", "started")
+    state.set_tuner_status("badnets__nba", "started")
     state.set_failed("badnets__nba", {"badnets__nba": "boom"})
     again = SweepState.load(state.path)
-    assert again.phase("badnets__nba") == "failed" and again.failures == {"badnets__nba": {"badnets__nba": "boom"}}
-    again.set_phase("badnets__nba", "done")
+    assert again.tuner_status("badnets__nba") == "failed" and again.failures == {"badnets__nba": {"badnets__nba": "boom"}}
+    again.set_tuner_status("badnets__nba", "done")
     assert SweepState.load(state.path).failures == {}
 
 
@@ -47,7 +47,7 @@ def test_resume_finds_a_partial_sweep(state, tmp_path):
 # ============================================================================ which pairs failed
 
 class _Grid:
-    """What ``sweep.compat.tune_trial_configs`` reads of a ResultGrid: its trials."""
+    """What ``sweep.execution._compat.tune_trial_configs`` reads of a ResultGrid: its trials."""
 
     def __init__(self, *trials):
         self._experiment_analysis = SimpleNamespace(
@@ -66,19 +66,19 @@ def _ctx(state):
 
 def test_a_pair_with_no_finished_trial_fails_and_the_others_stand(state, monkeypatch):
     ctx, said = _ctx(state)
-    monkeypatch.setattr(phases, "run_tuner", lambda *a: _Grid(("ERROR", {"case": 0}), ("TERMINATED", {"case": 1})))
-    phases._fit(ctx, "defaults", None, {"badnets__nba": (0,), "badnets__ft": (1,)})
-    assert state.phase("defaults") == "failed"
+    monkeypatch.setattr(schedule, "run_tuner", lambda *a: _Grid(("ERROR", {"case": 0}), ("TERMINATED", {"case": 1})))
+    schedule._fit(ctx, "defaults", None, {"badnets__nba": (0,), "badnets__ft": (1,)})
+    assert state.tuner_status("defaults") == "failed"
     assert list(state.failures["defaults"]) == ["badnets__nba"]
     assert any("[badnets__nba] FAILED" in m for m in said)
 
 
 def test_one_failed_trial_among_finished_ones_is_no_pair_failure(state, monkeypatch):
     ctx, _ = _ctx(state)
-    state.set_phase("badnets__nba", "done")
-    monkeypatch.setattr(phases, "run_tuner", lambda *a: _Grid(("ERROR", {"lr": 0.05}), ("TERMINATED", {"lr": 0.1})))
-    phases._fit(ctx, "badnets__nba", None, {"badnets__nba": None})
-    assert state.phase("badnets__nba") == "done" and state.failures == {}
+    state.set_tuner_status("badnets__nba", "done")
+    monkeypatch.setattr(schedule, "run_tuner", lambda *a: _Grid(("ERROR", {"lr": 0.05}), ("TERMINATED", {"lr": 0.1})))
+    schedule._fit(ctx, "badnets__nba", None, {"badnets__nba": None})
+    assert state.tuner_status("badnets__nba") == "done" and state.failures == {}
 
 
 def test_a_tuner_that_raises_fails_its_pairs_and_the_sweep_goes_on(state, monkeypatch):
@@ -87,8 +87,8 @@ def test_a_tuner_that_raises_fails_its_pairs_and_the_sweep_goes_on(state, monkey
     def boom(*a):
         raise RuntimeError("the searcher broke\nOptunaError: journal locked")
 
-    monkeypatch.setattr(phases, "run_tuner", boom)
-    phases._fit(ctx, "badnets__nba", None, {"badnets__nba": None})
+    monkeypatch.setattr(schedule, "run_tuner", boom)
+    schedule._fit(ctx, "badnets__nba", None, {"badnets__nba": None})
     assert state.failures == {"badnets__nba": {"badnets__nba": "OptunaError: journal locked"}}
 
 
@@ -98,9 +98,9 @@ def test_ctrl_c_in_a_tuner_still_stops_the_sweep(state, monkeypatch):
     def interrupted(*a):
         raise KeyboardInterrupt("[badnets__nba] interrupted")
 
-    monkeypatch.setattr(phases, "run_tuner", interrupted)
+    monkeypatch.setattr(schedule, "run_tuner", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        phases._fit(ctx, "badnets__nba", None, {"badnets__nba": None})
+        schedule._fit(ctx, "badnets__nba", None, {"badnets__nba": None})
     assert state.failures == {}
 
 
@@ -164,14 +164,14 @@ def test_a_killed_sweep_keeps_its_trial_checkpoints(state):
 
 @pytest.mark.parametrize("status, code", [("FINISHED", 0), ("PARTIAL", EXIT_PARTIAL)])
 def test_a_partial_sweep_exits_3_after_its_report(status, code, tmp_path, monkeypatch, capsys):
-    import sweep.report
-    import sweep.runner
+    import sweep.analysis
+    import sweep.execution
 
     reported = []
     result = SweepResult("s1", tmp_path, tmp_path, "uri", "exp", "0", "parent", status,
                          failed_stages={"blend": "boom"} if status == "PARTIAL" else {})
-    monkeypatch.setattr(sweep.runner, "run_sweep", lambda cfg, **kw: result)
-    monkeypatch.setattr(sweep.report, "make_report", lambda sweep_id, **kw: reported.append(sweep_id))
+    monkeypatch.setattr(sweep.execution, "run_sweep", lambda cfg, **kw: result)
+    monkeypatch.setattr(sweep.analysis, "make_report", lambda sweep_id, **kw: reported.append(sweep_id))
     assert main(["quickstart", "--workdir", str(tmp_path)]) == code
     assert reported == ["s1"]                          # the report of what finished comes first
     err = capsys.readouterr().err.strip().splitlines()
@@ -188,7 +188,7 @@ def test_a_finished_trial_whose_outputs_are_elsewhere_says_so(tmp_path, capsys):
     FINISHED, tagged ``outputs_missing`` with a warning, never silently without its model."""
     from mlflow import MlflowClient
 
-    from sweep.callbacks import finish_trial_run
+    from sweep.execution._callbacks import finish_trial_run
     from sweep.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -211,7 +211,7 @@ def test_a_finished_trial_whose_outputs_are_elsewhere_says_so(tmp_path, capsys):
 
 
 def test_several_nodes_without_storage_get_a_warning():
-    from sweep.ray_session import shared_disk_warning
+    from sweep.execution._ray_session import shared_disk_warning
     from trainables.storage import open_storage
 
     assert shared_disk_warning(1, None, "/w") is None

@@ -24,7 +24,7 @@ class TrialCase:
     attack: str
     defense: str | None
     params: tuple[tuple[str, Any], ...]
-    phase: str                              # "search" | "default" | "crosscheck"
+    purpose: str                            # "search" (the pair's own trials) | "crosscheck"
     attack_hash: str | None = None
     artifact_dir: str | None = None         # the attack stage's cached artifact (defense trials)
 

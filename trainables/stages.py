@@ -207,7 +207,7 @@ def run_attack_stage(spec: AttackStageSpec, cache: str | Path | ArtifactCache, *
 
     def build(tmp: Path) -> None:
         with checkpointing(checkpoints):
-            _build_attack_stage(spec, tmp, cache, data_root, rt, _progress_prefix(progress, label), epoch_eval_size,
+            build_attack_stage(spec, tmp, cache, data_root, rt, _progress_prefix(progress, label), epoch_eval_size,
                                 checkpoint_every)
 
     path, _ = cache.get_or_build(key, build, progress)
@@ -223,8 +223,10 @@ def stage_checkpoints(cache: ArtifactCache, key: str, every: int) -> PhaseCheckp
     return PhaseCheckpoints(open_storage(str(cache.root)), f".checkpoints/{key}", every)
 
 
-def _build_attack_stage(spec: AttackStageSpec, out: Path, cache: str | Path | ArtifactCache, data_root, rt: Runtime,
-                        progress: Callable[[str], None], epoch_eval_size: int, checkpoint_every: int = 1) -> None:
+def build_attack_stage(spec: AttackStageSpec, out: Path, cache: str | Path | ArtifactCache, data_root, rt: Runtime,
+                       progress: Callable[[str], None], epoch_eval_size: int, checkpoint_every: int = 1) -> None:
+    """Train the stage ``spec`` and write its files into ``out`` (``run_attack_stage`` does this
+    inside the cache; ``python -m sweep train`` writes a clean model where it is asked to)."""
     start = time.perf_counter()
     dataset = load_dataset(spec.dataset, root=data_root)
     cfg = spec.sgd
