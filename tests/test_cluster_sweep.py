@@ -15,7 +15,9 @@ http://10.77.0.1:... --storage s3://... --optuna-storage postgresql+psycopg2://.
   MLflow server and loads as a ``state_dict`` with ``weights_only=True``; the second node never
   saw the driver's folder, and the S3 bucket holds the attack stages' cache manifests and files
   (``run/cache/``), the Tune experiments with the trials' checkpoints
-  (``run/sweeps/<id>/ray/``) and the sweep state's mirror.
+  (``run/sweeps/<id>/ray/``) and the sweep state's mirror; the nodes know the store's address only
+  from ``--storage-endpoint`` (no ``AWS_ENDPOINT_URL``); ``report`` works from a fresh work
+  directory holding only ``sweep.json`` (a laptop's, infra/README.md step 6).
 * ``test_a_node_cut_off_mid_trial_is_retried_on_the_head_and_the_sweep_finishes``: a second sweep
   (its own work directory; the attack stages come from S3); the second node's link is taken down
   (``ip link set eth0 down`` in its namespace: its processes live on, unreachable, as a host
@@ -78,6 +80,10 @@ class Cluster:
     head_id: str
 
 
+def s3_keys_only(s3: ch.S3) -> dict:
+    return {k: v for k, v in s3.env.items() if k != "AWS_ENDPOINT_URL"}
+
+
 @pytest.fixture(scope="module")
 def cluster():
     root = ch.make_root("bss-")
@@ -86,17 +92,20 @@ def cluster():
     try:
         with net.enter("srv"):
             pg, mlflow, s3 = ch.start_servers(root, started, host=net.address["srv"])
-        # every node's workers reach S3 with the same credentials; each keeps its node-local copy
-        # of the stored attack stages in a folder of its own (the head's: hidden from node2 too)
+        # every node's workers reach S3 with the same credentials, and the store's address only from
+        # the sweep's --storage-endpoint (no AWS_ENDPOINT_URL, as infra/ deploys them); each keeps
+        # its node-local copy of the stored attack stages in a folder of its own (the head's: hidden
+        # from node2 too)
         with net.enter("head"):
             head = ch.start_ray_head(root / "head", num_cpus=1, host=net.address["head"],
-                                     env={**FAST_HEALTH_CHECK, **s3.env, "SWEEP_LOCAL_CACHE": str(root / "head" / "cache")})
+                                     env={**FAST_HEALTH_CHECK, **s3_keys_only(s3),
+                                          "SWEEP_LOCAL_CACHE": str(root / "head" / "cache")})
         started.append(head)
         # the second node sees none of root: not the drivers' work dirs, the servers' data or the head's
         with net.enter("n2"):
             node = ch.start_isolated_worker_node(head.address, [root], num_cpus=1, head=head, node_dir=root / "n2",
                                                  host=net.address["n2"],
-                                                 env={**s3.env, "SWEEP_LOCAL_CACHE": str(root / "n2" / "cache")})
+                                                 env={**s3_keys_only(s3), "SWEEP_LOCAL_CACHE": str(root / "n2" / "cache")})
         started.append(node)
         (root / "driver").mkdir()
         with net.enter("head"):
@@ -185,7 +194,8 @@ def start_sweep(c: Cluster, name: str) -> Sweep:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "SWEEP_STORAGE",
                         "SWEEP_OPTUNA_STORAGE", "SWEEP_WORKDIR", "SWEEP_LOCAL_CACHE", "SWEEP_CACHE_DIR")}
-    env.update({**c.head.env, **c.s3.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"})
+    env.pop("AWS_ENDPOINT_URL", None)
+    env.update({**c.head.env, **s3_keys_only(c.s3), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"})
     cmd = [sys.executable, "-m", "sweep", "quickstart", "--workdir", workdir, "--address", c.head.address,
            "--tracking-uri", c.mlflow.url, "--storage", f"s3://{c.s3.bucket}/{PREFIX}",
            "--storage-endpoint", c.s3.endpoint, "--optuna-storage", c.pg.optuna_uri]
@@ -342,6 +352,19 @@ def test_sweep_spreads_over_both_nodes_and_shares_only_through_s3_and_mlflow(clu
     # and the driver's work dir holds the sweep's own files only on the driver's side
     assert (sweep.workdir / "sweeps" / sid / "sweep.json").is_file()
     assert (sweep.workdir / "sweeps" / sid / "report" / "best_configs.yaml").is_file(), sweep.tail()
+
+    # 4. the report from another machine: a fresh work directory holding only the sweep's state
+    # (as infra/README.md copies it to a laptop) and the tracking server
+    laptop = tmp_path / "laptop"
+    (laptop / "sweeps" / sid).mkdir(parents=True)
+    shutil.copy(sweep.workdir / "sweeps" / sid / "sweep.json", laptop / "sweeps" / sid / "sweep.json")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "SWEEP_WORKDIR")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    with c.net.enter("head"):
+        r = subprocess.run([sys.executable, "-m", "sweep", "report", "quickstart", "--workdir", str(laptop),
+                            "--tracking-uri", c.mlflow.url], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sid in r.stdout and (laptop / "sweeps" / sid / "report" / "best_configs.yaml").is_file(), r.stdout[-2000:]
 
 
 def test_the_dry_run_shows_how_the_sweep_packs_onto_the_cluster(cluster):

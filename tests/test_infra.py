@@ -669,7 +669,8 @@ def check_gpu_packing(root: Path) -> list[str]:
     for group in cluster["spec"]["workerGroupSpecs"]:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         nodes[f"KubeRay {group['groupName']}"] = {"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}
-    problems = []
+    problems = [f"{name}: resources {have} do not say its CPUs and GPUs" for name, have in nodes.items()
+                if not {"CPU", "GPU"} <= set(have)]
     for name, have in nodes.items():
         by_gpu = have.get("GPU", 0) / resources["gpus"]
         by_cpu = have.get("CPU", 0) // resources["cpus"]
@@ -752,3 +753,28 @@ def test_the_kuberay_schema_file_is_what_its_generator_writes():
     gen = _load_generator()
     assert (INFRA / "schemas" / "kuberay-v1.schema.json").read_text() == gen.render(), \
         "run: python infra/schemas/kuberay_schema.py"
+
+
+def test_the_dataset_job_fills_the_volume_the_ray_pods_read():
+    """The Job loads the preset's dataset with the project's loader into the folder where it
+    mounts the claim, and every Ray pod mounts that claim at its SWEEP_DATA_ROOT."""
+    from trainables.data import load_dataset   # the loader the Job calls
+
+    docs = _yaml_docs(INFRA / "kubernetes" / "datasets.yaml")
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")["metadata"]["name"]
+    job = next(d for d in docs if d["kind"] == "Job")
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    code = container["command"][-1]
+    compile(code, "fill-datasets", "exec")
+    assert callable(load_dataset)
+    dataset, folder = re.search(r"load_dataset\('([\w:]+)', '([^']+)'\)", code).groups()
+    assert dataset == yaml.safe_load((ROOT / "sweep" / "presets" / "nba_cifar.yaml").read_text())["dataset"]
+    volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+    assert {volumes[m["name"]] for m in container["volumeMounts"] if m["mountPath"] == folder} == {claim}
+    cluster = _yaml_docs(INFRA / "kuberay" / "raycluster.yaml")[0]
+    for spec in _pod_specs(cluster):
+        (ray,) = spec["containers"]
+        root = {e["name"]: e.get("value") for e in ray["env"]}["SWEEP_DATA_ROOT"]
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]}
+        assert {claims[m["name"]] for m in ray["volumeMounts"] if m["mountPath"] == root} == {claim}
