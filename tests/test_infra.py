@@ -645,13 +645,20 @@ def check_compose_reachable(root: Path) -> list[str]:
     return problems
 
 
-def check_ray_up_credentials(root: Path) -> list[str]:
+def check_ray_up_nodes(root: Path) -> list[str]:
     """On `ray up` the autoscaler on the head calls EC2 with whatever AWS credentials and endpoint
     the head's environment holds: the nodes get S3 through instance profiles, and no AWS key or
     endpoint goes into the env-file or the configuration."""
     cfg = _yaml_docs(root / "ray-up" / "aws-gpu.yaml")[0]
     problems = [f"ray-up worker type {name} has no IamInstanceProfile" for name, t in cfg["available_node_types"].items()
                 if name != cfg["head_node_type"] and "IamInstanceProfile" not in t["node_config"]]
+    # a plain Ubuntu image has no Docker (ray up stops) and no NVIDIA driver: every node runs the
+    # Deep Learning Base AMI, whose id the runbook looks up
+    problems += [f"ray-up node type {name} runs {t['node_config'].get('ImageId')}, not DLAMI_ID"
+                 for name, t in cfg["available_node_types"].items() if t["node_config"].get("ImageId") != "DLAMI_ID"]
+    if not any(c.startswith("export DLAMI_ID=$(aws ssm get-parameter") and "deeplearning/ami" in c
+               for c in _runbook_commands(root)):
+        problems.append("the runbook does not look up DLAMI_ID (the Deep Learning Base AMI)")
     aws = re.compile(r"\bAWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN|ENDPOINT_URL)\b")
     for p in [root / "ray-up" / "aws-gpu.yaml", *(root / "ray-up").glob("*.env.example")]:
         for line in p.read_text().splitlines():
@@ -696,7 +703,7 @@ def check_resume_job(root: Path) -> list[str]:
 
 CHECKS = {f.__name__: f for f in (check_kuberay_schema, check_core_objects, check_deletion_policy, check_allowed_hosts,
                                   check_database_urls, check_env_file, check_secret_references, check_runbook,
-                                  check_compose_reachable, check_ray_up_credentials, check_gpu_packing,
+                                  check_compose_reachable, check_ray_up_nodes, check_gpu_packing,
                                   check_resume_job)}
 
 
@@ -733,7 +740,8 @@ BROKEN = [
     ("check_resume_job", "kuberay/rayjob-resume.yaml", "--workdir /tmp/sweep-runs", "--workdir /tmp/other"),
     ("check_compose_reachable", "tracking/compose.yaml", '"${TRACKING_BIND_IP:?set it in .env}:5000:5000"',
      '"127.0.0.1:5000:5000"'),
-    ("check_ray_up_credentials", "ray-up/backdoor-sweep.env.example", "PGPASSWORD=", "AWS_ENDPOINT_URL=\nPGPASSWORD="),
+    ("check_ray_up_nodes", "ray-up/backdoor-sweep.env.example", "PGPASSWORD=", "AWS_ENDPOINT_URL=\nPGPASSWORD="),
+    ("check_ray_up_nodes", "ray-up/aws-gpu.yaml", "ImageId: DLAMI_ID", "ImageId: ami-0c7217cdde317cfec"),
 ]
 
 
