@@ -63,7 +63,8 @@ def find_browser() -> tuple[str, str] | None:
 
 
 def shared_view_path(tracking_uri: str, experiment: str) -> str:
-    """The UI path of the experiment's shared runs view (``#/experiments/<id>/runs?viewStateShareKey=...``)."""
+    """The UI path of the experiment's shared runs view, in the UI's model-training mode, as the
+    sweep links to it (``#/experiments/<id>/runs?viewStateShareKey=...&workflowType=machine_learning``)."""
     from mlflow import MlflowClient
 
     exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
@@ -73,7 +74,7 @@ def shared_view_path(tracking_uri: str, experiment: str) -> str:
     if not views:
         raise SystemExit(f"error: experiment {experiment!r} in {tracking_uri} has no shared runs view "
                          f"(a sweep stores one when it starts)")
-    return f"#/experiments/{exp.experiment_id}/runs?viewStateShareKey={views[0]}"
+    return f"#/experiments/{exp.experiment_id}/runs?viewStateShareKey={views[0]}&workflowType=machine_learning"
 
 
 def _free_port() -> int:

@@ -186,12 +186,14 @@ class Tracker:
     def set_comparison_view(self, view: str, params: Iterable[str]) -> str:
         """Store a shared view of the experiment's runs table (MLflow's ``viewStateShareKey``):
         BA, ASR, RA, DER, the searched ``params``, attack and defense as columns, lowest ASR
-        first. Returns the UI path that opens it (after the server's address)."""
+        first. Returns the UI path that opens it (after the server's address), in the UI's
+        model-training mode: MLflow 3.17's UI takes its mode from the link or the browser's last
+        choice (GenAI in a fresh one), not from the experiment's kind tag."""
         columns = [f"metrics.`{m}`" for m in VIEW_METRICS] + [f"params.`{p}`" for p in params] \
             + [f"tags.`{t}`" for t in ("attack", "defense", "purpose")]
         state = {"selectedColumns": columns, "orderByKey": "metrics.`asr`", "orderByAsc": True}
         self.client.set_experiment_tag(self.experiment_id, f"{SHARED_VIEW_TAG}{view}", json.dumps(state))
-        return f"#/experiments/{self.experiment_id}/runs?viewStateShareKey={view}"
+        return f"#/experiments/{self.experiment_id}/runs?viewStateShareKey={view}&workflowType=machine_learning"
 
     # -- runs ----------------------------------------------------------------------------------
     def create_run(self, name: str, tags: dict[str, Any], parent_id: str | None = None,
