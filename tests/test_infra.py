@@ -1,14 +1,27 @@
-"""``infra/`` against the code: every file parses; the image installs what ``pyproject.toml`` pins
-(Ray's version in the base image's tag, torch and torchvision, MLflow in the tracking server's
-image); every ``python -m sweep`` command uses a preset and options that exist (and its
-``--set`` overrides load); every ``ray start`` option exists in the installed Ray's CLI; every
-``SWEEP_*`` variable is one the code reads; secrets come from the environment or a Kubernetes
-Secret and published ports stay on 127.0.0.1. The cluster tier runs the tracking server's real
-entrypoint (``mlflow server --app-name basic-auth`` from the environment) on loopback: it refuses
-a request without credentials and takes one with them.
+"""``infra/`` against the code and against what the systems it deploys accept.
 
-What no test here can do: pull the images or bring the compose stack and the clusters up (no
-container engine and no registry access on CI's machines); infra/README.md says what ran where.
+Against the code: every file parses; the image installs what ``pyproject.toml`` pins (Ray's
+version in the base image's tag, torch and torchvision, MLflow in the tracking server's image);
+every ``python -m sweep`` command uses a preset and options that exist (and its ``--set``
+overrides load); every ``ray start`` option exists in the installed Ray's CLI; every ``SWEEP_*``
+variable is one the code reads; the dataset Job fills the volume the Ray pods read.
+
+Against what a deployment accepts, one check each (``CHECKS``), every one with a negative control
+(``BROKEN``: a copy of infra/ with one file broken must fail it): the KubeRay objects against the
+schema ``infra/schemas/kuberay_schema.py`` writes, the Kubernetes objects against
+kubernetes-validate's strict schemas, KubeRay's admission rules for a RayJob's lifetime, MLflow's
+host check against every tracking URI, the database roles and names every PostgreSQL URL uses,
+``ray up``'s env-file path against where Ray copies file_mounts, secrets as references only, the
+runbook's commands against the files they use, the compose ports, the ``ray up`` nodes' AMI and
+credentials, the trials a GPU node holds, the resuming RayJob.
+
+The cluster tier runs the tracking stack's PostgreSQL init script on a real PostgreSQL 15 and the
+MLflow server's real entrypoint (``mlflow server --app-name basic-auth`` from the environment) on
+it, on loopback.
+
+What no test here can do: build or pull the images, bring the compose stack, a Kubernetes cluster
+with KubeRay or a ``ray up`` cluster up (no container engine, registry access or cloud account on
+CI's machines); infra/README.md lists what stands in for each.
 """
 import os
 import re
@@ -76,8 +89,11 @@ def _commands(prefix: str) -> list[tuple[Path, list[str]]]:
 
 def test_infra_holds_the_deployment_files():
     names = {str(p.relative_to(INFRA)) for p in FILES}
-    assert {"Dockerfile", "README.md", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "ray-up/aws-gpu.yaml",
-            "tracking/compose.yaml", "tracking/mlflow-entrypoint.sh", "tracking/s3-entrypoint.sh"} <= names, names
+    assert {"Dockerfile", "README.md", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/rayjob-resume.yaml",
+            "kubernetes/postgres.yaml", "kubernetes/s3.yaml", "kubernetes/mlflow.yaml", "kubernetes/datasets.yaml",
+            "ray-up/aws-gpu.yaml", "ray-up/backdoor-sweep.env.example", "schemas/kuberay-v1.schema.json",
+            "tracking/compose.yaml", "tracking/mlflow-entrypoint.sh", "tracking/postgres-init.sh",
+            "tracking/s3-entrypoint.sh"} <= names, names
 
 
 @pytest.mark.parametrize("path", [p for p in FILES if p.suffix == ".yaml"], ids=lambda p: str(p.relative_to(INFRA)))
