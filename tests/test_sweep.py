@@ -334,3 +334,18 @@ def test_every_variable_the_trainables_read_reaches_the_workers():
         read |= set(re.findall(r"^ENV = [\"'](SWEEP_[A-Z_]+)", text, re.M))
     assert read and read <= set(WORKER_ENV) | set(NODE_ENV), read - set(WORKER_ENV) - set(NODE_ENV)
     assert not set(WORKER_ENV) & set(NODE_ENV)
+
+
+def test_the_report_states_how_many_images_each_stage_poisoned():
+    import pandas as pd
+
+    from sweep.analysis._report import poisoned_counts
+
+    runs = pd.DataFrame([
+        {"role": "attack", "ray_trial_id": "", "attack": "badnets", "attack_hash": "aaaa1111", "n_poisoned": 5000.0},
+        {"role": "attack", "ray_trial_id": "", "attack": "sig", "attack_hash": "bbbb2222", "n_poisoned": 412.0},
+        {"role": "attack", "ray_trial_id": "", "attack": "none", "attack_hash": "cccc3333", "n_poisoned": 0.0},
+        {"role": "defense", "ray_trial_id": "t1", "attack": "sig", "attack_hash": "bbbb2222", "n_poisoned": None},
+    ])
+    assert poisoned_counts(runs) == "badnets 5000; sig 412"
+    assert poisoned_counts(runs.drop(columns="n_poisoned")) == ""

@@ -61,6 +61,17 @@ def stage_budgets(cfg) -> str:
     return "; ".join(f"{_listed(names)} {epochs} epochs" for epochs, names in groups.items())
 
 
+def poisoned_counts(runs) -> str:
+    """How many training images each attack stage poisoned, from the stages' runs: "badnets 5000;
+    sig 412" (empty when no stage run holds the count)."""
+    if runs.empty or "n_poisoned" not in runs:
+        return ""
+    stages = runs[(runs["role"] == "attack") & (runs["ray_trial_id"] == "") & runs["n_poisoned"].notna()]
+    counts = {f"{row.attack} ({row.attack_hash[:8]})" if (stages["attack"] == row.attack).sum() > 1 else row.attack:
+              int(row.n_poisoned) for row in stages.itertuples() if row.attack != "none"}
+    return "; ".join(f"{name} {n}" for name, n in counts.items())
+
+
 def _listed(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
@@ -100,6 +111,9 @@ def make_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs", tra
               f"{_setting(cfg)} · seed {cfg.seed} · "
               f"MLflow experiment `{tracker.experiment_name}` run `{state.data.get('parent_run_id')}`", "",
               f"Selection rule: {describe_rule(cfg.selection)}.", ""]
+    poisoned = poisoned_counts(runs)
+    if poisoned:
+        header += [f"Poisoned training images per attack stage: {poisoned}.", ""]
     counts = runs[runs["ray_trial_id"] != ""]["status"].value_counts().to_dict() if not runs.empty else {}
     header.append("Trials: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none") + ".")
     header.append("")
