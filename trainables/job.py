@@ -17,6 +17,15 @@ CASE_KEY = "case"          # the parameter-space key of a fixed-case Tuner
 
 
 @dataclass(frozen=True)
+class AttackStageRef:
+    """One attack stage a defense trial defends: its cache hash, its artifact and its seed."""
+
+    hash: str
+    artifact_dir: str
+    seed: int
+
+
+@dataclass(frozen=True)
 class TrialCase:
     """One trial's work: a defense configuration on one attack stage (defense sweeps), or an
     attack configuration (attack sweeps; ``defense`` is None)."""
@@ -27,6 +36,9 @@ class TrialCase:
     purpose: str                            # "search" (the pair's own trials) | "crosscheck"
     attack_hash: str | None = None
     artifact_dir: str | None = None         # the attack stage's cached artifact (defense trials)
+    # several attack stages (``search.stages`` > 1): all of them, in order, the first the one above;
+    # empty: the one stage above, at the job's seed
+    stages: tuple[AttackStageRef, ...] = ()
 
     @property
     def params_dict(self) -> dict[str, Any]:
@@ -65,6 +77,9 @@ class TrialJob:
     # trial checkpoints (trainables.checkpoint): a folder in the storage, else a local folder
     checkpoint_dir: str = ""
     checkpoint_every: int = 1
+    # trials over several stages whose params are one of these defend every stage whatever the
+    # early stopping says (the paper default, which selection compares every candidate with)
+    rung_exempt: tuple[tuple[tuple[str, Any], ...], ...] = ()
 
     def case(self, config: dict) -> TrialCase:
         """The case a trial with Tune ``config`` runs."""

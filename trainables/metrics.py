@@ -12,6 +12,9 @@
 """
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 from torch import nn
 
@@ -44,3 +47,41 @@ def der(before: dict[str, float], after: dict[str, float]) -> float:
     d_asr = before["asr"] - after["asr"]
     d_ba = before["ba"] - after["ba"]
     return (max(0.0, d_asr) - max(0.0, d_ba) + 1.0) / 2.0
+
+
+# A defense trial over K attack stages (``search.stages``) reports each stage's metrics as
+# ``<metric>_stage<i>`` and their aggregates: the mean, the worst case (ASR's highest, the others'
+# lowest) and the sample standard deviation (NaN with one stage).
+STAGE_METRICS = ("ba", "asr", "ra", "der")
+AGGREGATES = ("mean", "worst", "std")
+_WORST = {"asr": max}           # the rest: the lowest is the worst
+_STAGE_KEY = re.compile(r"(ba|asr|ra|der|score)_(stage\d+|mean|worst|std)")
+
+
+def stage_key(metric: str, index: int) -> str:
+    return f"{metric}_stage{index}"
+
+
+def is_stage_metric(name: str) -> bool:
+    """Whether ``name`` is a per-stage metric or an aggregate over stages."""
+    return _STAGE_KEY.fullmatch(name) is not None
+
+
+def stage_aggregates(per_stage: list[dict]) -> dict[str, float]:
+    """Stage i's ``{ba, asr, ra, der}`` (in order) -> ``<m>_stage<i>`` and ``<m>_mean``,
+    ``<m>_worst``, ``<m>_std`` over the stages where ``m`` is finite."""
+    out: dict[str, float] = {}
+    for m in STAGE_METRICS:
+        values = []
+        for i, stage in enumerate(per_stage):
+            v = stage.get(m)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                out[stage_key(m, i)] = float(v)
+                values.append(float(v))
+        if values:
+            mean = sum(values) / len(values)
+            out[f"{m}_mean"] = mean
+            out[f"{m}_worst"] = _WORST.get(m, min)(values)
+            out[f"{m}_std"] = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                               if len(values) > 1 else float("nan"))
+    return out

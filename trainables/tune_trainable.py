@@ -8,7 +8,10 @@ A defense trial loads its attack-stage artifact, runs the defense, ``tune.report
 (``step``, ``stage``, the loss terms, and ``ba``/``asr``/``ra`` where measured, NaN where not,
 with ``measured`` saying which, and ``defense_epoch``, early stopping's time unit, on measured
 epochs only) and reports the final metrics once more with
-``fully_trained=True``; a trial a scheduler stops early never sends that last report. Outputs go
+``fully_trained=True``; a trial a scheduler stops early never sends that last report. A trial
+over several attack stages (``search.stages``) defends each in turn (``staged_defense_trial``),
+its epochs numbered on across the stages, and reports after each stage; its final BA/ASR/RA/DER
+are the means over the stages. Outputs go
 to ``<trials_dir>/<trial_id>/`` (the standard model.pt/spec.json/metrics.json). Its training
 phases save checkpoints every ``job.checkpoint_every`` epochs (``trainables.checkpoint``, under
 ``job.checkpoint_dir``): a trial Tune retries, or one a resumed sweep restarts, goes on from the
@@ -38,6 +41,10 @@ NAN = float("nan")
 # the defense's epoch counter (over all its phases), in the reports whose BA/ASR were measured:
 # early stopping's time unit
 EPOCH_KEY = "defense_epoch"
+# trials over several attack stages: the stages defended so far, in every stage's report ...
+STAGES_KEY = "stages_done"
+# ... and again, as early stopping's time unit, in the reports a trial may be stopped at
+STAGE_RUNG_KEY = "stage_rung"
 
 
 def _numeric(d: dict) -> dict:
@@ -120,8 +127,55 @@ def _score(ba: float, asr: float) -> float:
     return ba - asr if math.isfinite(ba) and math.isfinite(asr) else NAN
 
 
+def _stage_artifact(job: TrialJob, attack_hash: str | None, artifact_dir: str | None) -> str | None:
+    """The attack stage's artifact folder on this node (with a storage: its node-local copy)."""
+    if job.storage_uri is None:
+        return artifact_dir
+    found = stage_cache(job.cache_dir, job.storage_uri, job.storage_endpoint).lookup(attack_hash)
+    if found is None:
+        raise FileNotFoundError(f"attack stage {attack_hash} is not in the storage {job.storage_uri}")
+    return found
+
+
+def _epoch_reporter(job: TrialJob, offset: int = 0):
+    """``tune.report`` of each epoch a defense logs; its step counts on from ``offset`` (the
+    epochs of the stages defended before it). Every objective is in every report (Tune checks),
+    NaN where the epoch does not measure it."""
+    from ray import tune
+
+    def report(entry: dict) -> None:
+        measured = "ba" in entry and "asr" in entry
+        metrics = _numeric(entry)
+        for m in ("ba", "asr", "ra", "der", *job.objectives):
+            metrics.setdefault(m, NAN)
+        metrics.update(step=offset + int(entry.get("step", 0)), stage=str(entry.get("stage", "")),
+                       measured=int(measured), fully_trained=False, final=False,
+                       score=_score(metrics["ba"], metrics["asr"]))
+        if measured:
+            metrics[EPOCH_KEY] = metrics["step"]
+        tune.report(metrics)
+
+    return report
+
+
+def _stage_outcome(result: dict) -> dict:
+    """One defended stage's final metrics (``run_defense_stage``'s result)."""
+    after, before = result["after"], result["before"]
+    ips = [h["images_per_second"] for h in result["history"] if isinstance(h.get("images_per_second"), (int, float))]
+    out = {**_numeric(after),
+           **{f"{k}_before": v for k, v in _numeric(before).items()},
+           "der": result["der"] if result["der"] is not None else NAN,
+           "train_seconds": float(result["seconds"]),
+           "images_per_second": sum(ips) / len(ips) if ips else NAN,
+           "step": int(result["history"][-1]["step"]) if result["history"] else 0}
+    for m in ("ba", "asr", "ra"):
+        out.setdefault(m, NAN)
+    return out
+
+
 def defense_trial(config: dict, job: TrialJob) -> None:
-    """One defense configuration on one attack-stage artifact, reported to Tune per epoch."""
+    """One defense configuration on one attack-stage artifact (or on each of several, in
+    order: ``staged_defense_trial``), reported to Tune per epoch."""
     from ray import tune
 
     from trainables.checkpoint import checkpointing
@@ -131,54 +185,117 @@ def defense_trial(config: dict, job: TrialJob) -> None:
     trial_id = tune.get_context().get_trial_id()
     out_dir = _out_dir(job, trial_id)
     _start(job, case, out_dir)
+    if len(case.stages) > 1:
+        return staged_defense_trial(job, case, trial_id, out_dir)
     dspec = resolve_defense(case.defense, case.params_dict, job.clean_fraction, job.seed)
-    artifact_dir = case.artifact_dir
-    if job.storage_uri is not None:
-        artifact_dir = stage_cache(job.cache_dir, job.storage_uri, job.storage_endpoint).lookup(case.attack_hash)
-        if artifact_dir is None:
-            raise FileNotFoundError(f"attack stage {case.attack_hash} is not in the storage {job.storage_uri}")
-
-    def report(entry: dict) -> None:
-        measured = "ba" in entry and "asr" in entry
-        metrics = _numeric(entry)
-        for m in ("ba", "asr", "ra", "der"):
-            metrics.setdefault(m, NAN)
-        metrics.update(step=int(entry.get("step", 0)), stage=str(entry.get("stage", "")),
-                       measured=int(measured), fully_trained=False, final=False,
-                       score=_score(metrics["ba"], metrics["asr"]))
-        if measured:
-            metrics[EPOCH_KEY] = metrics["step"]
-        tune.report(metrics)
-
     checkpoints = trial_checkpoints(job, trial_id)
     if checkpoints.resume_phase >= 0:
         print(f"trial {trial_id}: resuming from its checkpoint (training phase {checkpoints.resume_phase})")
     try:
+        artifact_dir = _stage_artifact(job, case.attack_hash, case.artifact_dir)
         with checkpointing(checkpoints):
             result = run_defense_stage(artifact_dir, dspec, out_dir, data_root=job.data_root,
-                                       report=report, epoch_eval_size=job.epoch_eval_size)
+                                       report=_epoch_reporter(job), epoch_eval_size=job.epoch_eval_size)
     except BaseException:
         if job.storage_uri is not None:          # a temporary folder nothing will read now
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     finally:
         _release_memory()
-    after, before = result["after"], result["before"]
-    ips = [h["images_per_second"] for h in result["history"] if isinstance(h.get("images_per_second"), (int, float))]
-    final = {**_numeric(after),
-             **{f"{k}_before": v for k, v in _numeric(before).items()},
-             "der": result["der"] if result["der"] is not None else NAN,
-             "train_seconds": float(result["seconds"]),
-             "images_per_second": sum(ips) / len(ips) if ips else NAN,
-             "step": int(result["history"][-1]["step"]) if result["history"] else 0,
-             "measured": 1, "fully_trained": True, "final": True, "stage": "final",
+    final = {**_stage_outcome(result), "measured": 1, "fully_trained": True, "final": True, "stage": "final",
              "out_dir": str(out_dir)}
-    for m in ("ba", "asr", "ra"):
-        final.setdefault(m, NAN)
     final["score"] = _score(final["ba"], final["asr"])
     final["resumed"] = int(checkpoints.resume_phase >= 0)
     _final_report(job, final, out_dir)
     checkpoints.clear()
+
+
+def staged_defense_trial(job: TrialJob, case: TrialCase, trial_id: str, out_dir: Path) -> None:
+    """One defense configuration on each of the case's attack stages, in order, each with the
+    stage's seed. After every stage but the last it reports the stage's metrics and the running
+    aggregates (``stages_summary``, with ``stage_rung`` for early stopping unless the case is
+    exempt); the last report is the final one. Each finished stage's metrics and outputs are
+    kept in the trial's checkpoint folder (``stage-<i>/``), where its training phases checkpoint
+    too: a retried or restarted trial goes on at its first unfinished stage. Stage 0's outputs
+    are the trial's (``out_dir``), stage i's are in ``out_dir/stage-<i>``."""
+    from ray import tune
+
+    from trainables.checkpoint import PhaseCheckpoints, checkpointing
+    from trainables.stages import resolve_defense, run_defense_stage
+
+    trial = trial_checkpoints(job, trial_id)
+    exempt = case.params in job.rung_exempt
+    outcomes, step, kept, resumed_phase = [], 0, 0, False
+    try:
+        for i, ref in enumerate(case.stages):
+            stage_dir, where = out_dir if i == 0 else out_dir / f"stage-{i}", f"{trial.prefix}/stage-{i}"
+            outcome = _kept_stage(trial.storage, where, stage_dir)
+            if outcome is None:
+                phases = PhaseCheckpoints(trial.storage, where, job.checkpoint_every)
+                resumed_phase |= phases.resume_phase >= 0
+                dspec = resolve_defense(case.defense, case.params_dict, job.clean_fraction, ref.seed)
+                with checkpointing(phases):
+                    result = run_defense_stage(_stage_artifact(job, ref.hash, ref.artifact_dir), dspec, stage_dir,
+                                               data_root=job.data_root, report=_epoch_reporter(job, step),
+                                               epoch_eval_size=job.epoch_eval_size)
+                outcome = _stage_outcome(result)
+                _keep_stage(trial.storage, where, stage_dir, outcome)
+                _release_memory()
+            else:
+                kept += 1
+                print(f"trial {trial_id}: stage {i} was defended before the trial restarted: kept")
+            outcomes.append(outcome)
+            step += int(outcome["step"])
+            if i < len(case.stages) - 1 and kept <= i:      # a kept stage was reported then
+                report = {**stages_summary(outcomes), "step": step, "stage": f"stage-{i}", "measured": 0,
+                          "fully_trained": False, "final": False}
+                if not exempt:
+                    report[STAGE_RUNG_KEY] = i + 1
+                tune.report(report)
+    except BaseException:
+        if job.storage_uri is not None:          # a temporary folder nothing will read now
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        _release_memory()
+    final = {**stages_summary(outcomes), "step": step, "measured": 1, "fully_trained": True, "final": True,
+             "stage": "final", "out_dir": str(out_dir), "resumed_stages": kept,
+             "resumed": int(kept > 0 or resumed_phase)}
+    _final_report(job, final, out_dir)
+    trial.clear()
+
+
+def stages_summary(outcomes: list[dict]) -> dict:
+    """The stages defended so far: each one's BA/ASR/RA/DER (``<m>_stage<i>``) and their
+    aggregates (``trainables.metrics.stage_aggregates``), ``stages_done``, and BA/ASR/RA/DER,
+    the figures before the defense and the score as means over the stages."""
+    from trainables.metrics import STAGE_METRICS, stage_aggregates
+
+    out = {**stage_aggregates(outcomes), STAGES_KEY: len(outcomes),
+           "train_seconds": sum(o["train_seconds"] for o in outcomes)}
+    for m in (*STAGE_METRICS, "ba_before", "asr_before", "ra_before", "images_per_second"):
+        values = [o[m] for o in outcomes if isinstance(o.get(m), (int, float)) and math.isfinite(o[m])]
+        out[m] = sum(values) / len(values) if values else NAN
+    out["score"] = _score(out["ba"], out["asr"])
+    return out
+
+
+def _kept_stage(storage, where: str, stage_dir: Path) -> dict | None:
+    """A stage an earlier attempt of the trial finished: its outcome, with its outputs copied
+    back into ``stage_dir``; None if no attempt finished it."""
+    if not storage.exists(f"{where}/result.json"):
+        return None
+    storage.download_dir(f"{where}/outputs", stage_dir)
+    return json.loads(storage.read_text(f"{where}/result.json"))
+
+
+def _keep_stage(storage, where: str, stage_dir: Path, outcome: dict) -> None:
+    """A finished stage's outputs, then its outcome (which marks it finished)."""
+    from trainables.stages import STANDARD_FILES
+
+    for name in STANDARD_FILES:
+        storage.upload_file(stage_dir / name, f"{where}/outputs/{name}")
+    storage.write_text(f"{where}/result.json", json.dumps(outcome))
 
 
 def attack_trial(config: dict, job: TrialJob) -> None:

@@ -43,6 +43,9 @@ class PairResult:
     pareto_front: tuple[Chosen, ...]
     n_candidates: int
     paper_default: Chosen | None = None     # defense sweeps: the trial at the paper defaults
+    # several stages: the rule's pick against the paper default (``against_default``), when it
+    # was another configuration; its verdict says whether it replaced the default
+    against_default: dict[str, Any] | None = None
 
     def chosen(self, kind: str) -> Chosen | None:
         """``best`` or ``paper_default``."""
@@ -52,12 +55,14 @@ class PairResult:
         out: dict[str, Any] = {"best": self.best.to_dict() if self.best else None}
         if with_default:
             out["paper_default"] = self.paper_default.to_dict() if self.paper_default else None
+        if self.against_default is not None:
+            out["against_default"] = dict(self.against_default)
         return {**out, "pareto_front": [c.to_dict() for c in self.pareto_front], "n_candidates": self.n_candidates}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PairResult":
         return cls(Chosen.from_dict(d.get("best")), tuple(Chosen.from_dict(c) for c in d.get("pareto_front") or ()),
-                   int(d.get("n_candidates", 0)), Chosen.from_dict(d.get("paper_default")))
+                   int(d.get("n_candidates", 0)), Chosen.from_dict(d.get("paper_default")), d.get("against_default"))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ def replication_config(sweep_id_or_preset: str, seed: int, workdir: str | Path =
                        tracking_uri: str | None = None):
     """The sweep that re-measures a searched sweep's choices at another ``seed``: its config at
     that seed, each searched defense trying the paper default and the configurations the sweep
-    selected (per attack) and nothing else, no cross-checks. Returns (config, the --set overrides
+    selected (per attack) and nothing else, no cross-checks, one attack stage per attack (a
+    search over several stages is re-measured on one new stage per held-out seed; the seed
+    must not be one the search trained a stage at). Returns (config, the --set overrides
     applied, one line per defense saying what it tries)."""
     workdir = Path(workdir).expanduser().resolve()
     ref, _ = SweepState.seed_siblings(sweep_id_or_preset, workdir)
@@ -28,7 +30,12 @@ def replication_config(sweep_id_or_preset: str, seed: int, workdir: str | Path =
     if seed == cfg.seed:
         raise SweepError(f"{ref.sweep_id} ran at seed {seed}: replicate it at another seed")
     best = build_best_configs(cfg, ref.sweep_id, runs)
+    if seed in cfg.stage_seeds:
+        raise SweepError(f"{ref.sweep_id} trained an attack stage at seed {seed}: replicate it at a seed it "
+                         f"did not see (its stages' seeds: {', '.join(map(str, cfg.stage_seeds))})")
     sets, said = [f"seed={seed}", "search.cross_check=false"], []
+    if cfg.search.stages > 1:
+        sets.append("search.stages=1")      # each held-out seed: one new attack stage per attack
     for d in cfg.defenses:
         if not d.searched:
             continue

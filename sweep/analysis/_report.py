@@ -164,7 +164,7 @@ def make_seeds_report(sweep_id_or_preset: str, workdir: str | Path = "sweep-runs
                      f"{_listed([a.name for a in cfg.attacks])}){role}")
         seeds.append(str(cfg.seed))
         progress(f"seed {cfg.seed}: {state.sweep_id} ({state.data.get('status')})")
-    md, tables = seeds_markdown(ref_cfg, pd.concat(frames, ignore_index=True), search_seed)
+    md, tables = seeds_markdown(ref_cfg, pd.concat(frames, ignore_index=True), search_seed, selected)
     out = ref.dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     header = [f"# {ref_cfg.name} over seeds {', '.join(seeds)}", "", _setting(ref_cfg), "",

@@ -10,6 +10,12 @@ per attack and across attacks. No Ray: the report and the cross-checks of a runn
   lowest ASR among candidates within ``ba_tolerance`` BA points of the best BA, rewards configs
   that leave the model alone: the most accurate model is often the untouched backdoored one.)
   Every choice comes with the reason it won, written to ``best_configs.yaml`` and the report.
+* With several attack stages (``search.stages`` K > 1) every trial's BA/ASR/RA/DER are its means
+  over the K stages (recomputed from its per-stage metrics, ``sweep.tracking.load_runs``), so the
+  rule ranks K-stage aggregates; the objectives may name others (``asr_worst``, ``ba_mean``...).
+  The rule's pick then replaces the paper default only if it beats it beyond the spread on the
+  search's own stages (``against_default``: a paired comparison over the K stages); otherwise
+  the default is kept, and ``why`` says so.
 * Best configuration across attacks, per defense, among configurations measured on EVERY attack
   (the cross-check Tuners make sure each attack's best is): under ``bound``, of those whose
   worst-case ASR meets the bound, the highest mean BA; under ``ba_within``, of those whose BA is
@@ -25,6 +31,7 @@ from typing import Any
 
 from sweep.analysis._best_configs import AcrossAttacks, BestConfigs, Chosen, DefenseResult, PairResult
 from sweep.config import config_key, full_defense_params
+from trainables.metrics import AGGREGATES, STAGE_METRICS
 
 
 def report_metrics(cfg) -> tuple[str, ...]:
@@ -112,6 +119,39 @@ def choose(df, selection) -> tuple[Any, str]:
         return row, (f"{word} {metric} ({_pct(row[metric])}) of the {len(rows)} of {n} candidates whose {ba} is "
                      f"within {selection.ba_tolerance:g} points of the best ({_pct(best_ba)})")
     return row, f"{word} {metric} ({_pct(row[metric])}) of {n} candidates"
+
+
+def against_default(row, default, stages: int) -> dict:
+    """The rule's pick against the paper default over the K stages both defended, paired: per
+    metric (ASR, BA) the per-stage differences d_i = pick_i - default_i, their mean (``delta``)
+    and sample std (``spread``), in points. A metric gains beyond the spread when its mean moves
+    the better way (ASR down, BA up) by more than the spread, and loses beyond it when it moves
+    the worse way by more. ``verdict``: ``better`` when one metric gains beyond the spread and
+    the other loses no more than its spread, ``worse`` the reverse, else ``within the spread``;
+    ``not measured`` when either lacks a stage's value."""
+    from trainables.metrics import stage_key
+
+    out: dict[str, Any] = {"config_key": row["config_key"], "run_id": row["run_id"], "stages": stages}
+    moves = []
+    for m, sign in (("asr", -1), ("ba", 1)):
+        pairs = [(number(row.get(stage_key(m, i))), number(default.get(stage_key(m, i)))) for i in range(stages)]
+        if any(a is None or b is None for a, b in pairs):
+            return {**out, "verdict": "not measured"}
+        d = [100 * (a - b) for a, b in pairs]
+        mean = sum(d) / len(d)
+        spread = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+        out[f"delta_{m}"], out[f"spread_{m}"] = round(mean, 2), round(spread, 2)
+        moves.append(int(sign * mean > spread) - int(sign * mean < -spread))
+    out["verdict"] = ("better" if max(moves) == 1 and min(moves) >= 0 else
+                      "worse" if min(moves) == -1 and max(moves) <= 0 else "within the spread")
+    return out
+
+
+def _kept_default_why(c: dict) -> str:
+    return (f"the paper default, kept: the rule's pick (config {c['config_key']}) is {c['verdict']} over "
+            f"{c['stages']} stages, not better beyond the spread (ASR {c.get('delta_asr', 0):+.2f} ± "
+            f"{c.get('spread_asr', 0):.2f}, BA {c.get('delta_ba', 0):+.2f} ± {c.get('spread_ba', 0):.2f} points, "
+            "pick minus default, mean ± std of the per-stage differences)")
 
 
 def select_best(df, selection) -> Any:
@@ -202,10 +242,21 @@ def build_best_configs(cfg, sweep_id: str, runs) -> BestConfigs:
 
     def result(rows, dentry=None) -> PairResult:
         row, why = choose(rows, sel)
+        default = _default_row(rows, dentry) if dentry else None
+        comparison = None
+        if cfg.search.stages > 1 and row is not None and default is not None \
+                and row["config_key"] != default["config_key"]:
+            comparison = against_default(row, default, cfg.search.stages)
+            if comparison["verdict"] != "better":
+                row, why = default, _kept_default_why(comparison)
+            else:
+                why += (f"; better than the paper default beyond the spread over {comparison['stages']} stages "
+                        f"(ASR {comparison['delta_asr']:+.2f} ± {comparison['spread_asr']:.2f}, BA "
+                        f"{comparison['delta_ba']:+.2f} ± {comparison['spread_ba']:.2f} points)")
         return PairResult(best=_entry(row, cfg, why),
                           pareto_front=tuple(_entry(r, cfg) for _, r in pareto_front(rows, cfg.search.objectives).iterrows()),
                           n_candidates=int(rows["candidate"].sum()) if not rows.empty else 0,
-                          paper_default=_entry(_default_row(rows, dentry), cfg) if dentry else None)
+                          paper_default=_entry(default, cfg) if dentry else None, against_default=comparison)
 
     head = dict(sweep_id=sweep_id, preset=cfg.name, dataset=cfg.dataset, model=cfg.model, rule=describe_rule(sel),
                 objectives=tuple(cfg.search.objectives))
@@ -252,7 +303,7 @@ def _entry(row, cfg, why: str | None = None) -> Chosen | None:
         return None
     metrics = {}
     for m in ("asr", "ba", "ra", "der", "asr_before", "ba_before", *(m for m, _ in cfg.search.objectives),
-              *report_metrics(cfg)):
+              *report_metrics(cfg), *(f"{m}_{a}" for m in STAGE_METRICS for a in AGGREGATES), "stages_done"):
         if m in row and number(row[m]) is not None:
             metrics[m] = number(row[m])
     params = json.loads(row["config_json"]) if row.get("config_json") else {}

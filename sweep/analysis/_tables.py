@@ -45,12 +45,14 @@ def _diff(metrics: dict, paper: dict | None, cell: tuple[str, ...]) -> str:
 
 
 def no_defense_metrics(runs, attack: str) -> dict:
-    """The attack stage's own metrics (the backdoored model before any defense)."""
+    """The attack stage's own metrics (the backdoored model before any defense); with several
+    stages, their means."""
     rows = runs[(runs["role"] == "attack") & (runs["attack"] == attack) & (runs["ray_trial_id"] == "")]
     if rows.empty:
         return {}
-    r = rows.sort_values("start_time").iloc[-1]
-    return {m: r.get(m) for m in ("asr", "ba", "ra")}
+    rows = rows.sort_values("start_time")
+    latest = rows.groupby("attack_hash").tail(1) if "attack_hash" in rows else rows.tail(1)   # each stage's
+    return {m: latest[m].astype(float).mean() if m in latest else None for m in ("asr", "ba", "ra")}
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> str:
@@ -90,8 +92,10 @@ def results_long(cfg, runs, best, kinds: list[tuple[str, str]] | None = None):
             for kind, _ in kinds or config_kinds(cfg):
                 e = best.pair(d.name, a).chosen(kind)
                 m = e.metrics if e else {}
+                spread = {f"{k}_std": number(m.get(f"{k}_std")) for k in ("asr", "ba", "ra")} \
+                    if cfg.search.stages > 1 else {}
                 rows.append({"attack": a, "defense": d.name, "config": kind, "run_id": e.run_id if e else "",
-                             **{k: number(m.get(k)) for k in ("asr", "ba", "ra")}})
+                             **{k: number(m.get(k)) for k in ("asr", "ba", "ra")}, **spread})
     long = pd.DataFrame(rows)
     for m in ("asr", "ba"):
         long[f"paper_{m}"] = [paper(a, d).get(m) for a, d in zip(long["attack"], long["defense"])]
@@ -131,7 +135,11 @@ def layout_tables(cfg, long, cell_text) -> tuple[list[str], dict]:
 def _one_run_cell(rows, paper: dict | None, cell: tuple[str, ...]) -> str:
     r = rows.iloc[0]
     ours = {"asr": r["asr"], "ba": r["ba"]}
-    return f"{_ours(ours, cell)} ({_theirs(paper, cell)}{_diff(ours, paper, cell)})"
+    if "asr_std" in r:          # several stages: mean ± std over them
+        text = " / ".join(_mean_std({f"{m}_mean": r.get(m), f"{m}_std": r.get(f"{m}_std")}, m) for m in cell)
+    else:
+        text = _ours(ours, cell)
+    return f"{text} ({_theirs(paper, cell)}{_diff(ours, paper, cell)})"
 
 
 def _layout_intro(cfg, what: str) -> list[str]:
@@ -149,7 +157,8 @@ def tables_markdown(cfg, runs, best) -> tuple[str, dict]:
         return _attack_tables(cfg, best)
     long = results_long(cfg, runs, best)
     md, frames = layout_tables(cfg, long, _one_run_cell)
-    md = _layout_intro(cfg, "ours") + md + [_why_md(best), _across_md(cfg, best)]
+    what = "ours" if cfg.search.stages == 1 else f"ours as mean ± sample std over the {cfg.search.stages} attack stages"
+    md = _layout_intro(cfg, what) + md + [_why_md(best), _across_md(cfg, best)]
     return "\n".join(md), {"results_long": long, **frames}
 
 
@@ -288,11 +297,53 @@ def best_against_default(agg) -> list[dict]:
     return out
 
 
-def seeds_markdown(cfg, per_seed, search_seed: int | None = None) -> tuple[str, dict]:
+def estimate_against_held_out(estimate: BestConfigs, held_out_agg) -> list[dict]:
+    """Per searched (attack, defense) and config kind (selected, paper default): what the search
+    measured on its own stages (mean and, with several stages, sample std over them) beside the
+    mean and sample std over the held-out seeds, ASR and BA in points."""
+    out = []
+    for d, a, result in estimate.selections():
+        for kind in ("best", "paper_default"):
+            chosen = result.chosen(kind)
+            held = held_out_agg[(held_out_agg["attack"] == a) & (held_out_agg["defense"] == d)
+                                & (held_out_agg["config"] == kind)]
+            if chosen is None or held.empty:
+                continue
+            h = held.iloc[0]
+            row = {"attack": a, "defense": d, "config": kind, "config_key": chosen.config_key,
+                   "stages": int(chosen.metrics.get("stages_done", 1) or 1), "n_held_out": int(h["n"])}
+            for m in ("asr", "ba"):
+                for label, mean, std in (("search", chosen.metrics.get(m), chosen.metrics.get(f"{m}_std")),
+                                         ("held_out", h[f"{m}_mean"], h[f"{m}_std"])):
+                    row[f"{label}_{m}"] = None if number(mean) is None else round(100 * number(mean), 2)
+                    row[f"{label}_{m}_std"] = None if number(std) is None else round(100 * number(std), 2)
+            out.append(row)
+    return out
+
+
+def _estimate_md(rows: list[dict], search_seed: int) -> list[str]:
+    def shown(r, label, m):
+        mean, std = r[f"{label}_{m}"], r[f"{label}_{m}_std"]
+        return "—" if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
+
+    body = [[r["attack"], r["defense"], "selected" if r["config"] == "best" else "paper default",
+             f"{shown(r, 'search', 'asr')} ({r['stages']} stage(s))", f"{shown(r, 'held_out', 'asr')} ({r['n_held_out']} seed(s))",
+             shown(r, "search", "ba"), shown(r, "held_out", "ba")] for r in rows]
+    return ["\n## The search's estimate against the held-out seeds\n",
+            f"What the search at seed {search_seed} measured on its own attack stages (mean ± sample std over "
+            "them) beside the same configuration re-measured at the seeds it did not see (mean ± sample std over "
+            "those seeds), in %: whether the search's estimate held.\n",
+            _md_table(["attack", "defense", "config", "ASR: search", "ASR: held out", "BA: search", "BA: held out"],
+                      body)]
+
+
+def seeds_markdown(cfg, per_seed, search_seed: int | None = None,
+                   estimate: BestConfigs | None = None) -> tuple[str, dict]:
     """The paper's layout over seeds: mean ± sample std per cell, the paper's numbers and the
     mean minus the paper's; then, where a defense was searched, its selected config against its
     paper default on the seeds other than ``search_seed`` (where the selected config won a
-    selection on that very measurement). Returns (markdown, {csv name: DataFrame})."""
+    selection on that very measurement), and the search's own estimate (``estimate``, its
+    selection) beside those seeds' measurements. Returns (markdown, {csv name: DataFrame})."""
     import pandas as pd
 
     agg = aggregate_seeds(per_seed)
@@ -318,4 +369,9 @@ def seeds_markdown(cfg, per_seed, search_seed: int | None = None) -> tuple[str, 
                  c["verdict"]] for c in compared]
         md.append(_md_table(["attack", "defense", "seeds (selected / default)", "Δ BA", "Δ ASR", "verdict"], body))
         frames["best_vs_default"] = pd.DataFrame(compared)
+    if estimate is not None and search_seed is not None and not held_out.empty:
+        rows = estimate_against_held_out(estimate, aggregate_seeds(held_out))
+        if rows:
+            md += _estimate_md(rows, search_seed)
+            frames["estimate_vs_held_out"] = pd.DataFrame(rows)
     return "\n".join(md), {"seeds_long": per_seed, "seeds_summary": agg, **frames}

@@ -8,11 +8,12 @@ from sweep.config._paper_tables import PaperTable, known_tables, load_table
 from sweep.config._preset import (PRESETS_DIR, absolute_paths, config_with, list_presets, load_preset, preset_path,
                                   rebuild_config)
 from sweep.config._spaces import Dist, SpaceError, first_trial, load_space, optuna_point, optuna_space, space_file, spaces_dir
-from sweep.config._sweep_config import (DEFENSE_METRICS, AttackEntry, DefenseEntry, EarlyStopping, RayConfig, Resources,
-                                        SearchConfig, Selection, StorageConfig, SweepConfig, format_config)
+from sweep.config._sweep_config import (DEFENSE_METRICS, STAGE_SEED_STRIDE, AttackEntry, DefenseEntry, EarlyStopping,
+                                        RayConfig, Resources, SearchConfig, Selection, StorageConfig, SweepConfig,
+                                        format_config, stage_seed)
 
 __all__ = ["AttackEntry", "DEFENSE_METRICS", "DefenseEntry", "Dist", "EarlyStopping", "PRESETS_DIR", "PaperTable",
-           "RayConfig", "Resources", "SearchConfig", "Selection", "SpaceError", "StorageConfig", "SweepConfig",
+           "RayConfig", "Resources", "STAGE_SEED_STRIDE", "SearchConfig", "Selection", "SpaceError", "StorageConfig", "SweepConfig",
            "absolute_paths", "config_json", "config_key", "config_with", "first_trial", "format_config",
            "full_attack_params", "full_defense_params", "known_tables", "list_presets", "load_preset", "load_space",
-           "load_table", "optuna_point", "optuna_space", "preset_path", "rebuild_config", "space_file", "spaces_dir"]
+           "load_table", "optuna_point", "optuna_space", "preset_path", "rebuild_config", "space_file", "spaces_dir", "stage_seed"]

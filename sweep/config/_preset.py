@@ -57,6 +57,11 @@ Preset fields (defaults in brackets; ``sweep.schema.DEFAULTS``)::
                                        (score = BA - ASR on the epoch's test subset); on, it pins
                                        every searched ``epochs``/``*_epochs`` to its maximum
       cross_check: true                evaluate each attack's best config on the other attacks
+      stages: 1                        attack stages per attack (stage i at seed + i x 1000000);
+                                       each trial defends them all with one configuration and
+                                       reports their aggregates (<metric>_mean, _worst, _std: what
+                                       objectives and selection may name); with early stopping
+                                       on, ASHA cuts at 1, 2, 4... stages instead of epochs
     resources: {cpus: 1, gpus: 0, attack_cpus: null, attack_gpus: null}  per trial / attack stage
     max_failures: 0                    Tune's retries of a failed trial, and Ray's of an attack
                                        stage whose node was lost (-1: no limit)
@@ -90,8 +95,9 @@ import yaml
 
 from sweep.errors import ConfigError
 from sweep.config import _schema as schema
-from sweep.config._sweep_config import (DEFENSE_METRICS, EPOCH_METRICS, KINDS, RULES, SAMPLERS, AttackEntry, DefenseEntry, EarlyStopping,
-                          RayConfig, Resources, SearchConfig, Selection, StorageConfig, SweepConfig)
+from sweep.config._sweep_config import (DEFENSE_METRICS, EPOCH_METRICS, KINDS, RULES, SAMPLERS, STAGE_AGGREGATE_METRICS,
+                                        STAGE_SEED_STRIDE, AttackEntry, DefenseEntry, EarlyStopping, RayConfig,
+                                        Resources, SearchConfig, Selection, StorageConfig, SweepConfig)
 from sweep.config._spaces import Dist, first_trial
 from sweep.config._validate import checked_params, method_class, resolve_space, typed
 from trainables.params import ParamError, freeze, frozen, plain
@@ -198,10 +204,13 @@ def build_config(name: str, source: str, d: dict, overrides: tuple[str, ...]) ->
     attack_train = _with_recipe(budget["attack"], "budget.attack")
     checked_params(SGDConfig, attack_train, "budget.attack: ")
     search = _search(d["search"], kind)
+    if search.stages > 1 and seed >= STAGE_SEED_STRIDE:
+        raise ConfigError(f"seed={seed}: with search.stages={search.stages} the seed must be below "
+                          f"{STAGE_SEED_STRIDE} (stage i trains at seed + i x {STAGE_SEED_STRIDE})")
     selection = _selection(d["selection"], search, kind)
     attacks = _attacks(d["attacks"], kind, dataset, model, attack_train, seed, search.num_samples)
     defenses = _defenses(d["defenses"], kind, defense_epochs, clean_fraction, seed, search.num_samples,
-                         pin_schedules=search.early_stopping.enabled)
+                         pin_schedules=search.early_stopping.enabled and not search.stops_on_stages)
     return SweepConfig(
         name=name, source=source, description=str(d.get("description") or ""), kind=kind, dataset=dataset,
         data_root=typed("data_root", d["data_root"], str, optional=True), model=model, seed=seed,
@@ -219,11 +228,14 @@ def _search(s: dict, kind: str) -> SearchConfig:
     objectives = s["objectives"]
     if not isinstance(objectives, dict) or not objectives:
         raise ConfigError(f"search.objectives: expected a mapping metric -> min|max, got {objectives!r}")
+    stages = typed("search.stages", s["stages"], int, low=1, high=100)
+    if stages > 1 and kind == "attack":
+        raise ConfigError(f"search.stages={stages}: an attack sweep's trials each train their own attack "
+                          "stage; several stages per attack apply to defense sweeps only")
     for metric, mode in objectives.items():
         typed(f"search.objectives.{metric}", mode, str, choices=("min", "max"))
-        if kind == "defense" and metric not in DEFENSE_METRICS:
-            raise ConfigError(f"search.objectives: unknown metric {metric!r} for a defense sweep; "
-                              f"known: {', '.join(DEFENSE_METRICS)}")
+        if kind == "defense":
+            _check_defense_metric("search.objectives", metric, stages)
         if not re.fullmatch(r"[a-z][a-z0-9_]*", str(metric)):
             raise ConfigError(f"search.objectives: {metric!r} is not a metric name")
     es = s["early_stopping"]
@@ -246,7 +258,18 @@ def _search(s: dict, kind: str) -> SearchConfig:
         max_concurrent=typed("search.max_concurrent", s["max_concurrent"], int, low=0),
         max_tuners=typed("search.max_tuners", s["max_tuners"], int, low=1, optional=True),
         cross_check=typed("search.cross_check", s["cross_check"], bool),
-        early_stopping=early)
+        early_stopping=early, stages=stages)
+
+
+def _check_defense_metric(where: str, metric: str, stages: int) -> None:
+    """A defense sweep's metric: BA/ASR/RA/DER, or (several stages) an aggregate over the stages."""
+    if metric in DEFENSE_METRICS or (stages > 1 and metric in STAGE_AGGREGATE_METRICS):
+        return
+    if metric in STAGE_AGGREGATE_METRICS:
+        raise ConfigError(f"{where}: {metric!r} is an aggregate over attack stages: it needs search.stages > 1 "
+                          f"(with one stage use {metric.rsplit('_', 1)[0]!r})")
+    known = DEFENSE_METRICS + (STAGE_AGGREGATE_METRICS if stages > 1 else ())
+    raise ConfigError(f"{where}: unknown metric {metric!r} for a defense sweep; known: {', '.join(known)}")
 
 
 def _resources(r: dict) -> Resources:
@@ -277,8 +300,8 @@ def _selection(sel: dict, search: SearchConfig, kind: str) -> Selection:
     if selection.rule == "max_der" and kind == "attack":
         raise ConfigError("selection.rule=max_der applies to defense sweeps only")
     for m in (selection.metric, selection.ba_metric):
-        if kind == "defense" and m not in DEFENSE_METRICS:
-            raise ConfigError(f"selection: unknown metric {m!r}; known: {', '.join(DEFENSE_METRICS)}")
+        if kind == "defense":
+            _check_defense_metric("selection", m, search.stages)
     return selection
 
 

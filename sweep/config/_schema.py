@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "attacks": {},
     "defenses": {},
     "search": {"num_samples": 20, "sampler": "tpe", "objectives": {"asr": "min", "ba": "max"},
-               "max_concurrent": 0, "max_tuners": None, "cross_check": True,
+               "max_concurrent": 0, "max_tuners": None, "cross_check": True, "stages": 1,
                "early_stopping": {"enabled": False, "metric": "score", "mode": "max", "grace_period": 2,
                                   "reduction_factor": 3}},
     "resources": {"cpus": 1, "gpus": 0, "attack_cpus": None, "attack_gpus": None},

@@ -19,6 +19,12 @@ from trainables.params import thaw
 SAMPLERS = ("tpe", "nsga2", "random")
 RULES = ("bound", "ba_within", "best_metric", "max_der")
 DEFENSE_METRICS = ("asr", "ba", "ra", "der")
+# with search.stages > 1: each metric's aggregate over the attack stages (trainables.metrics)
+STAGE_AGGREGATE_METRICS = tuple(f"{m}_{a}" for m in DEFENSE_METRICS for a in ("mean", "worst", "std"))
+# stage i of a sweep at seed s trains (and is defended) at seed s + i x this: stage 0 is the sweep's
+# own seed, and the other stages' seeds lie beyond every seed a sweep or ``replicate`` may take
+# (seeds of a sweep with several stages are below it), so no two sweeps share a stage by accident
+STAGE_SEED_STRIDE = 1_000_000
 EPOCH_METRICS = ("score", "ba", "asr", "ra")     # what a defense trial reports every epoch
 KINDS = ("defense", "attack")
 
@@ -92,6 +98,12 @@ class SearchConfig:
     max_tuners: int | None                   # Tuners at once (None: every Tuner whose inputs exist)
     cross_check: bool
     early_stopping: EarlyStopping
+    stages: int = 1                          # attack stages per attack, each trial defends them all
+
+    @property
+    def stops_on_stages(self) -> bool:
+        """Whether ASHA's fidelity is the number of stages defended (else the defense's epochs)."""
+        return self.early_stopping.enabled and self.stages > 1
 
 
 @dataclass(frozen=True)
@@ -189,6 +201,8 @@ class SweepConfig:
             if not entry.get("also_try"):
                 entry.pop("also_try", None)    # absent before also_try existed: older sweeps resume
         d.pop("storage", None)
+        if d.get("search", {}).get("stages") == 1:
+            d["search"].pop("stages")          # absent before stages existed: older sweeps resume
         d.pop("checkpoint_every", None)      # how often state is saved changes no result
         d.get("search", {}).pop("max_tuners", None)     # nor how many Tuners run at once
         return d
@@ -197,6 +211,11 @@ class SweepConfig:
     def searches(self) -> bool:
         """Whether the trials sample configurations (beyond each paper default and ``also_try``)."""
         return any(d.searched and d.num_samples > 1 + len(d.also_try) for d in self.defenses)
+
+    @property
+    def stage_seeds(self) -> tuple[int, ...]:
+        """The seed of each attack stage of every attack (``stage_seed``)."""
+        return tuple(stage_seed(self.seed, i) for i in range(self.search.stages))
 
     def attack(self, name: str) -> AttackEntry:
         return next(a for a in self.attacks if a.name == name)
@@ -208,6 +227,13 @@ class SweepConfig:
     def searched_entries(self) -> tuple:
         """The entries whose parameters the trials search: defenses, or attacks in attack sweeps."""
         return self.defenses if self.kind == "defense" else self.attacks
+
+
+def stage_seed(seed: int, index: int) -> int:
+    """The seed of attack stage ``index`` (poison draw, initialisation, batch order, and its
+    defense's clean subset) of a sweep at ``seed``: stage 0 is the sweep's own seed, stage i
+    ``seed + i x STAGE_SEED_STRIDE``."""
+    return seed + index * STAGE_SEED_STRIDE
 
 
 def _hash(name: str, d: dict) -> str:

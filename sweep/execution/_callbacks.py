@@ -14,6 +14,7 @@ lazily.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,10 +25,11 @@ from sweep.config import config_json, config_key, full_attack_params, full_defen
 from sweep.tracking import Tracker
 from trainables.artifacts import cache_for
 from trainables.job import TrialJob
-from trainables.tune_trainable import EPOCH_KEY
+from trainables.metrics import is_stage_metric
+from trainables.tune_trainable import EPOCH_KEY, STAGE_RUNG_KEY
 
 META_KEYS = {"step", "measured", "fully_trained", "final", "stage", "out_dir", "done", "history",
-             "attack_hash", "trial_id", "epoch", "node_id", EPOCH_KEY}
+             "attack_hash", "trial_id", "epoch", "node_id", EPOCH_KEY, STAGE_RUNG_KEY}
 MEASURED_ONLY = {"ba", "asr", "ra", "der", "score"}
 ARTIFACT_FILES = ("model.pt", "spec.json", "metrics.json")
 
@@ -120,10 +122,12 @@ class TrialLogger(Callback):
 
 
 def loggable(result: dict) -> dict:
-    """The numeric, non-bookkeeping part of a Tune result; epoch-unmeasured metrics dropped."""
+    """The numeric, non-bookkeeping part of a Tune result; epoch-unmeasured metrics dropped, and
+    stage metrics a report holds no value of (an epoch's placeholders, one stage's std)."""
     skip = set(AUTO_RESULT_KEYS) | set(DEBUG_METRICS) | META_KEYS
     out = {k: v for k, v in result.items()
-           if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
+           if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)
+           and not (is_stage_metric(k) and not math.isfinite(v))}
     if not result.get("measured", 1):
         for k in MEASURED_ONLY:
             out.pop(k, None)

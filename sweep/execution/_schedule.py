@@ -8,6 +8,8 @@ The units of work and what each waits for:
   to search, together in one Tuner of fixed cases; waits for the attack's stage;
 * ``<attack>__<defense>``: a searched pair, its own Optuna study (attack sweeps: one Tuner per
   attack); waits for the attack's stage (attack sweeps: for the clean models);
+  with ``search.stages`` > 1 every Tuner's trials defend all of the attack's stages, and each
+  waits for all of them;
 * ``crosscheck__<defense>__<attack>``: the attack's best configuration of the defense evaluated
   on every other attack, so that the best-across-attacks choice rests on measured numbers;
   waits for that pair's Tuner and for every attack stage.
@@ -41,7 +43,7 @@ from sweep.execution._searchers import fail_orphaned_trials, make_searcher
 from sweep.execution._tuners import can_restore, finished_cases, run_tuner
 from sweep.planning import PairPlan, tuner_plans
 from sweep.tracking import load_runs
-from trainables.job import AttackStageSettings, TrialCase
+from trainables.job import AttackStageRef, AttackStageSettings, TrialCase
 from trainables.params import freeze
 
 DEFAULTS_KEY = "defaults"
@@ -123,9 +125,14 @@ def _stage_ready(ctx: SweepContext, attack: str, settled: bool) -> tuple[str, st
         if any(s.level == 0 for s in ctx.plan.stages) and not ctx.stage_dirs:
             return SKIP, "skipped: the clean model it needs failed"
         return READY, ""
-    if ctx.plan.stage_for(attack).hash in ctx.stage_dirs:
+    if _has_stages(ctx, attack):
         return READY, ""
     return (SKIP, "skipped: its attack stage did not run (a clean model it needs failed)") if settled else (WAIT, "")
+
+
+def _has_stages(ctx: SweepContext, attack: str) -> bool:
+    """Whether every attack stage of ``attack`` is available."""
+    return all(s.hash in ctx.stage_dirs for s in ctx.plan.stages_for(attack))
 
 
 def _not_done(ctx: SweepContext, key: str, check: Callable[[bool], tuple[str, str]]):
@@ -141,9 +148,10 @@ def _not_done(ctx: SweepContext, key: str, check: Callable[[bool], tuple[str, st
 def _case(ctx: SweepContext, attack: str, defense: str | None, params: dict, purpose: str) -> TrialCase:
     if defense is None:
         return TrialCase(attack=attack, defense=None, params=freeze(params), purpose=purpose)
-    stage = ctx.plan.stage_for(attack)
+    stages = tuple(AttackStageRef(s.hash, ctx.stage_dirs[s.hash], s.spec.seed) for s in ctx.plan.stages_for(attack))
     return TrialCase(attack=attack, defense=defense, params=freeze(params), purpose=purpose,
-                     attack_hash=stage.hash, artifact_dir=ctx.stage_dirs[stage.hash])
+                     attack_hash=stages[0].hash, artifact_dir=stages[0].artifact_dir,
+                     stages=stages if len(stages) > 1 else ())
 
 
 def _attack_stage_settings(ctx: SweepContext, attack: str) -> AttackStageSettings | None:
@@ -209,7 +217,7 @@ def _pair_unit(ctx: SweepContext, pair: PairPlan, index: int) -> Unit:
         dists = {d.name: d for d in pair.space}
         job = ctx.job(searched=_case(ctx, pair.attack, pair.defense, dict(pair.fixed), "search"),
                       decoders=tuple((n, freeze(d.decoder())) for n, d in dists.items() if d.decoder()),
-                      attack_stage=settings)
+                      attack_stage=settings, rung_exempt=(freeze(pair.first_trial()),))
         ctx.progress(f"[{pair.key}] {pair.num_samples} trials, {ctx.cfg.search.sampler} on "
                      f"{', '.join(dists)} (Optuna study {study!r})")
         _fit(ctx, pair.key, job, {pair.key: None},
@@ -272,4 +280,4 @@ def _crosscheck_cases(ctx: SweepContext, pair: PairPlan) -> list[dict]:
     params = json.loads(row["config_json"])
     measured = {r["attack"] for _, r in runs.iterrows() if r["candidate"] and r["config_key"] == row["config_key"]}
     return [{"attack": a.name, "params": params} for a in ctx.cfg.attacks
-            if a.name not in measured and ctx.plan.stage_for(a.name).hash in ctx.stage_dirs]
+            if a.name not in measured and _has_stages(ctx, a.name)]

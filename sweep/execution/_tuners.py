@@ -16,7 +16,7 @@ from sweep.execution import _compat as compat
 from sweep.execution._callbacks import fail_trial_run, finish_trial_run, loggable, trial_outputs
 from sweep.execution._context import SweepContext
 from trainables.job import CASE_KEY, TrialJob
-from trainables.tune_trainable import EPOCH_KEY
+from trainables.tune_trainable import EPOCH_KEY, STAGE_RUNG_KEY
 
 
 # Tune's trainable registry is a process-wide dict that registering iterates over: Tuners that
@@ -52,10 +52,18 @@ def _new_tuner(ctx: SweepContext, key: str, job: TrialJob, searcher, num_samples
 
     cfg = ctx.cfg
     scheduler = None
-    if cfg.search.early_stopping.enabled:
+    es = cfg.search.early_stopping
+    if cfg.search.stops_on_stages and searcher is not None:
         from ray.tune.schedulers import ASHAScheduler
 
-        es = cfg.search.early_stopping
+        # time = the attack stages a trial has defended (rungs at 1, 2, 4... stages, below the
+        # last: the final report carries no rung); fixed cases (paper defaults, cross-checks)
+        # measure rather than search and are never stopped
+        scheduler = ASHAScheduler(time_attr=STAGE_RUNG_KEY, metric=es.metric, mode=es.mode, grace_period=1,
+                                  reduction_factor=2, max_t=cfg.search.stages)
+    elif es.enabled and not cfg.search.stops_on_stages:
+        from ray.tune.schedulers import ASHAScheduler
+
         # time = the defense's own epoch counter, reported with measured epochs only (a trial's
         # schedule is pinned to its longest: trials meet the rungs at the same point); max_t is
         # beyond any schedule, so that only the rungs stop trials

@@ -8,7 +8,9 @@ How the cost is computed (a rough, stated model, not a measurement):
   model's, counted once per distinct clean model; a defense trial is what the defense's ``cost``
   says for its parameters and its training images (the clean subset ``clean_fraction x n_train``
   for a post-training defense, the whole poisoned training set for a training-time one).
-  Searched parameters count at their paper default. Per-epoch evaluation (``epoch_eval_size``
+  Searched parameters count at their paper default. With ``search.stages: K`` every attack has
+  K stages and every trial defends each of them (K times a one-stage trial); what early stopping
+  on stages would save is shown beside, not subtracted (``expected_stages``). Per-epoch evaluation (``epoch_eval_size``
   clean + triggered test images per logged epoch) and the final evaluation are forward-only and
   count 1/3 each.
 * **Compute** = images x 3 x the model's forward FLOPs (counted by ``torch.utils.flop_counter``
@@ -116,8 +118,9 @@ def count_images(cfg: SweepConfig, plan: Plan) -> Images:
             out.evals += p.num_samples * 4 * n_test
             continue
         cost = _defense_cost(cfg, p, n_train)
-        out.trials += cost.passes * p.num_samples
-        out.evals += (cost.logged_epochs * 2 * min(cfg.epoch_eval_size, n_test) + 4 * n_test) * p.num_samples
+        k = cfg.search.stages                   # every trial defends each of the attack's stages
+        out.trials += cost.passes * p.num_samples * k
+        out.evals += (cost.logged_epochs * 2 * min(cfg.epoch_eval_size, n_test) + 4 * n_test) * p.num_samples * k
     out.unknown = tuple(sorted(set(unknown)))
     return out
 
@@ -141,7 +144,38 @@ def trial_images(cfg: SweepConfig, pair, sizes: tuple[int, int]) -> float:
         return n_train * cfg.attack(pair.attack).train_dict.get("epochs", 100) \
             + cls.extra_passes(make_params(cls.Params, pair.first_trial()), n_train) + 4 * n_test / 3
     cost = _defense_cost(cfg, pair, n_train)
-    return cost.passes + (cost.logged_epochs * 2 * min(cfg.epoch_eval_size, n_test) + 4 * n_test) / 3
+    stage = cost.passes + (cost.logged_epochs * 2 * min(cfg.epoch_eval_size, n_test) + 4 * n_test) / 3
+    return stage * cfg.search.stages
+
+
+def expected_stages(stages: int, reduction_factor: int = 2) -> float:
+    """The stages a stoppable trial defends on average if ASHA (rungs at 1, 2, 4... stages below
+    ``stages``) lets 1/``reduction_factor`` of the trials past each rung: an upper bound on
+    what it saves, since asynchronous rungs let early trials past with fewer to compare."""
+    rungs = [reduction_factor ** j for j in range(stages) if reduction_factor ** j < stages]
+    total, surviving = 1.0, 1.0
+    for j, rung in enumerate(rungs):
+        surviving /= reduction_factor
+        total += ((rungs[j + 1] if j + 1 < len(rungs) else stages) - rung) * surviving
+    return total
+
+
+def _stage_lines(cfg: SweepConfig, plan: Plan) -> list[str]:
+    """What several stages per attack cost: the stage trainings, the trials' stages, and what
+    early stopping on stages is expected to save."""
+    k = cfg.search.stages
+    seeds = ", ".join(map(str, cfg.stage_seeds))
+    lines = [f"stages per attack: {k} (seeds {seeds}); each trial defends all {k}: its cost x{k}"]
+    stoppable = sum(p.num_samples - 1 for p in plan.pairs if p.searched)
+    trials = sum(p.num_samples for p in plan.pairs)
+    if cfg.search.stops_on_stages and stoppable:
+        mean = expected_stages(k)
+        saved = stoppable * (k - mean) / (trials * k)
+        lines.append(f"early stopping on stages (ASHA, rungs at {', '.join(str(2 ** j) for j in range(k) if 2 ** j < k)} "
+                     f"stage(s), half of the trials past each): a searched trial other than the paper default "
+                     f"defends ~{mean:.2f} of {k} stages; expected saving: up to {100 * saved:.0f}% of the "
+                     f"trials' {trials * k} trial-stages (the paper defaults and cross-checks defend all {k})")
+    return lines
 
 
 def dry_run(cfg: SweepConfig, workdir: str | Path | None = None) -> str:
@@ -176,6 +210,8 @@ def dry_run(cfg: SweepConfig, workdir: str | Path | None = None) -> str:
         how = (f"{p.num_samples} trials, {cfg.search.sampler} over {len(p.space)} parameters"
                if p.searched else "1 trial at the paper defaults")
         lines.append(f"  {p.key}: {how}")
+    if cfg.search.stages > 1:
+        lines += _stage_lines(cfg, plan)
     lines += ["", "# ---- cost estimate (see sweep/planning/_estimate.py for the model) " + "-" * 4]
     lines += _cost_lines(cfg, count_images(cfg, plan))
     return "\n".join(lines) + "\n"

@@ -11,6 +11,9 @@ then chosen on measured numbers: the cross-check Tuners evaluate every attack's 
 configuration on every other attack (one extra trial per missing (configuration, attack) cell),
 so that the worst-case ASR of each candidate is known rather than guessed.
 
+With ``search.stages: K`` each attack has K stages (stage i at seed ``stage_seed(seed, i)``),
+each trained once, and every defense trial defends all K in order.
+
 Attack sweeps (``kind: attack``) have one Tuner per attack, whose trials each run an attack stage.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ class StagePlan:
     spec: object                   # trainables.stages.AttackStageSpec
     hash: str
     level: int                     # 0: clean models other stages need; 1: the attack stages
+    index: int = 0                 # which of the attack's ``search.stages`` stages (its seed: stage_seed)
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,12 @@ class Plan:
     pairs: tuple[PairPlan, ...]
 
     def stage_for(self, attack: str) -> StagePlan:
-        return next(s for s in self.stages if s.attack == attack and s.level == 1)
+        """The attack's first stage (the sweep's own seed)."""
+        return self.stages_for(attack)[0]
+
+    def stages_for(self, attack: str) -> tuple[StagePlan, ...]:
+        """The attack's stages, in order (``search.stages`` of them)."""
+        return tuple(sorted((s for s in self.stages if s.attack == attack and s.level == 1), key=lambda s: s.index))
 
     @property
     def num_trials(self) -> int:
@@ -70,11 +79,12 @@ def make_plan(cfg: SweepConfig) -> Plan:
     for a in cfg.attacks:
         train = a.train_dict
         if cfg.kind == "defense":
-            spec = resolve_attack_stage(a.dataset, cfg.model, a.name, a.params_dict or None, train, cfg.seed)
-            if a.name != "none" and getattr(registry.get_attack(a.name), "needs_clean_model", False):
-                clean = spec.clean()
-                stages.setdefault(clean.hash(), StagePlan("none", clean, clean.hash(), 0))
-            stages.setdefault(spec.hash(), StagePlan(a.name, spec, spec.hash(), 1))
+            for index, seed in enumerate(cfg.stage_seeds):
+                spec = resolve_attack_stage(a.dataset, cfg.model, a.name, a.params_dict or None, train, seed)
+                if a.name != "none" and getattr(registry.get_attack(a.name), "needs_clean_model", False):
+                    clean = spec.clean()
+                    stages.setdefault(clean.hash(), StagePlan("none", clean, clean.hash(), 0, index))
+                stages.setdefault(spec.hash(), StagePlan(a.name, spec, spec.hash(), 1, index))
             for d in cfg.defenses:
                 n = d.num_samples if d.space else 1
                 pairs.append(PairPlan(f"{a.name}__{d.name}", a.name, d.name, d.space, d.params, n, d.also_try))

@@ -25,7 +25,8 @@ from pathlib import Path
 
 MODEL_DIR = "model"
 FLAVOR = "backdoor_sweep"
-METRIC_TAGS = ("ba", "asr", "ra", "der")
+# (several stages: BA/ASR/RA/DER are means over the stages, with their spread and worst case)
+METRIC_TAGS = ("ba", "asr", "ra", "der", "ba_std", "asr_std", "ba_worst", "asr_worst")
 
 
 def registered_name(preset: str, defense: str) -> str:

@@ -1,6 +1,8 @@
 """A sweep's MLflow runs read back as one table, what selection, the report and the benchmarks read."""
 from __future__ import annotations
 
+import re
+
 from sweep.tracking._mlflow import TAG_COLUMNS
 
 
@@ -22,4 +24,24 @@ def load_runs(tracker, sweep_id: str):
     out = pd.DataFrame(rows).sort_values("start_time", kind="stable").reset_index(drop=True)
     is_trial = (out["ray_trial_id"] != "") & out["role"].isin(["defense", "attack"])
     out["candidate"] = is_trial & (out["status"] == "FINISHED") & (out["fully_trained"] == "true")
-    return out
+    return with_stage_aggregates(out)
+
+
+def with_stage_aggregates(runs):
+    """``runs`` with each several-stage trial's aggregates (``<m>_mean``, ``_worst``, ``_std``)
+    recomputed from its per-stage metrics (``<m>_stage<i>``) as MLflow holds them, and its BA,
+    ASR, RA and DER set to their means over the stages: what selection ranks is what the
+    per-stage record says, whatever else was logged."""
+    from trainables.metrics import STAGE_METRICS, stage_aggregates, stage_key
+
+    found = [int(m.group(1)) for c in runs.columns if (m := re.fullmatch(r"(?:ba|asr|ra|der)_stage(\d+)", str(c)))]
+    if not found:
+        return runs
+    runs = runs.copy()
+    for idx, row in runs.iterrows():
+        per_stage = [{m: row.get(stage_key(m, i)) for m in STAGE_METRICS} for i in range(max(found) + 1)]
+        agg = stage_aggregates(per_stage)            # skips the stages a stopped trial never reached
+        agg.update({m: agg[f"{m}_mean"] for m in STAGE_METRICS if f"{m}_mean" in agg})
+        for key, value in agg.items():
+            runs.loc[idx, key] = value
+    return runs
