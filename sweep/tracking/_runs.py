@@ -29,8 +29,8 @@ def load_runs(tracker, sweep_id: str):
 
 def with_stage_aggregates(runs):
     """``runs`` with each several-stage trial's aggregates (``<m>_mean``, ``_worst``, ``_std``)
-    recomputed from its per-stage metrics (``<m>_stage<i>``) as MLflow holds them, and its BA,
-    ASR, RA and DER set to their means over the stages: what selection ranks is what the
+    recomputed from its per-stage metrics (``<m>_stage<i>``) as MLflow holds them, its BA,
+    ASR, RA and DER set to their means over the stages and ``stages_done`` to their number: what selection ranks is what the
     per-stage record says, whatever else was logged."""
     from trainables.metrics import STAGE_METRICS, stage_aggregates, stage_key
 
@@ -42,6 +42,7 @@ def with_stage_aggregates(runs):
         per_stage = [{m: row.get(stage_key(m, i)) for m in STAGE_METRICS} for i in range(max(found) + 1)]
         agg = stage_aggregates(per_stage)            # skips the stages a stopped trial never reached
         agg.update({m: agg[f"{m}_mean"] for m in STAGE_METRICS if f"{m}_mean" in agg})
+        agg["stages_done"] = len({key.rsplit("_stage", 1)[1] for key in agg if "_stage" in key})
         for key, value in agg.items():
             runs.loc[idx, key] = value
     return runs
