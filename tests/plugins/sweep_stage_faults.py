@@ -1,0 +1,41 @@
+"""Test plugin for sweeps over several attack stages. Fine-tuning at lr 0.15 dies once at its
+second stage, as if its node were lost there (the trial claims the crash with a marker file in
+the trials folder); fine-tuning at lr 0.2 returns an untrained model, so that early stopping
+stops it at its first rung. Every stage a fine-tuning trial finishes is appended to
+``defended.log`` in the trials folder as "<lr> <stage seed>"."""
+import os
+
+from trainables.defenses.ft import FineTuning
+from trainables.plugins import register_trial_hook
+
+CRASH_LR, WEAK_LR = 0.15, 0.2
+
+
+class NodeLost(RuntimeError):
+    pass
+
+
+def _claim(marker) -> bool:
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+@register_trial_hook
+def stage_faults(case, out_dir):
+    lr = case.params_dict.get("lr")
+    trials = out_dir.parent
+    trials.mkdir(parents=True, exist_ok=True)
+    run = FineTuning.run
+
+    def faulty_run(self, ctx):
+        if lr == CRASH_LR and ctx.seed != 0 and _claim(trials / ".injected-crash"):
+            raise NodeLost(f"injected crash at the stage of seed {ctx.seed}")
+        model = run(self, ctx)
+        with open(trials / "defended.log", "a") as f:
+            f.write(f"{lr} {ctx.seed}\n")
+        return ctx.build_model() if lr == WEAK_LR else model
+
+    FineTuning.run = faulty_run          # this trial's worker process only
