@@ -95,16 +95,17 @@ def test_the_aggregates_are_computed_from_the_per_stage_metrics_mlflow_holds(tmp
 # ============================================================================ selection
 
 def _stage_runs(cfg, trials: dict[str, dict]):
-    """Hand-made finished trial runs of FT on BadNets as ``load_runs`` reads them: name ->
-    {"lr": ..., "asr": [per stage], "ba": [per stage]}; the one at the paper default is keyed
-    as the paper default."""
+    """Hand-made finished trial runs of FT as ``load_runs`` reads them: name -> {"lr": ...,
+    "asr": [per stage], "ba": [per stage], "attack": (BadNets)}; the one at the paper default is
+    keyed as the paper default."""
     from sweep.tracking._runs import with_stage_aggregates
 
     rows = []
     for i, (name, t) in enumerate(trials.items()):
         params = full_defense_params("ft", {**cfg.defense("ft").first_trial(), "lr": t["lr"]})
+        attack = t.get("attack", "badnets")
         row = {"run_id": name, "ray_trial_id": name, "start_time": i, "status": "FINISHED", "fully_trained": "true",
-               "candidate": True, "role": "defense", "attack": "badnets", "defense": "ft", "pair": "badnets__ft",
+               "candidate": True, "role": "defense", "attack": attack, "defense": "ft", "pair": f"{attack}__ft",
                "config_key": config_key(params), "config_json": config_json(params)}
         for m in ("asr", "ba"):
             row.update({f"{m}_stage{k}": v for k, v in enumerate(t[m])})
@@ -154,6 +155,27 @@ def test_the_default_is_kept_when_no_candidate_beats_it_beyond_the_spread():
     assert line.startswith("- **ft / badnets**: ")
     assert "mean ± sample std over the 3 attack stages" in md
     assert tables["results_long"].set_index("config").loc["best", "asr_std"] == pytest.approx(0.1365, abs=1e-4)
+
+
+@pytest.mark.parametrize("pick_asr, cross_checked", [([0.02, 0.09, 0.07], False), ([0.02, 0.22, 0.0], True)])
+def test_the_cross_check_measures_the_selection_on_the_other_attacks(monkeypatch, pick_asr, cross_checked):
+    """A kept paper default was measured on every attack already: nothing to cross-check; a pick
+    that beat it beyond the spread is measured on the other attack."""
+    from types import SimpleNamespace
+
+    from sweep.execution import _schedule as schedule
+
+    cfg = load_preset("quickstart", ONE_ATTACK + ["attacks=[badnets, blend]", "search.stages=3"])
+    runs = _stage_runs(cfg, {
+        "default": {"lr": 0.1, "asr": [0.08, 0.30, 0.05], "ba": [0.80, 0.80, 0.80]},
+        "pick": {"lr": 0.2, "asr": pick_asr, "ba": [0.81, 0.80, 0.79]},
+        "blend-default": {"lr": 0.1, "asr": [0.5, 0.5, 0.5], "ba": [0.8, 0.8, 0.8], "attack": "blend"}})
+    monkeypatch.setattr(schedule, "load_runs", lambda tracker, sweep_id: runs)
+    plan = make_plan(cfg)
+    ctx = SimpleNamespace(cfg=cfg, plan=plan, state=SimpleNamespace(sweep_id="s"), tracker=None,
+                          stage_dirs={s.hash: f"/{s.hash}" for s in plan.stages})
+    cases = schedule._crosscheck_cases(ctx, next(p for p in plan.pairs if p.key == "badnets__ft"))
+    assert cases == ([{"attack": "blend", "params": json.loads(runs.iloc[1]["config_json"])}] if cross_checked else [])
 
 
 def test_the_search_estimate_stands_beside_the_held_out_seeds():

@@ -29,14 +29,13 @@ ends one after Ctrl-C (its state saved, unfinished trials resumable) and the swe
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
-from sweep.analysis import select_best
+from sweep.analysis import build_best_configs
 from sweep.execution._attack_stages import run_attack_stages
 from sweep.execution._context import SweepContext
 from sweep.execution._searchers import fail_orphaned_trials, make_searcher
@@ -274,10 +273,12 @@ def _crosscheck_cases(ctx: SweepContext, pair: PairPlan) -> list[dict]:
     if runs.empty:
         return []
     runs = runs[(runs["defense"] == pair.defense) & (runs["role"] == "defense")]
-    row = select_best(runs[runs["pair"] == pair.key], ctx.cfg.selection)
-    if row is None:
+    # the pair's selection (with several stages it may keep the paper default)
+    best = build_best_configs(ctx.cfg, ctx.state.sweep_id, runs[runs["pair"] == pair.key]).pair(
+        pair.defense, pair.attack).best
+    if best is None:
         return []
-    params = json.loads(row["config_json"])
-    measured = {r["attack"] for _, r in runs.iterrows() if r["candidate"] and r["config_key"] == row["config_key"]}
+    params = best.params
+    measured = {r["attack"] for _, r in runs.iterrows() if r["candidate"] and r["config_key"] == best.config_key}
     return [{"attack": a.name, "params": params} for a in ctx.cfg.attacks
             if a.name not in measured and _has_stages(ctx, a.name)]
