@@ -26,6 +26,7 @@ installed.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -158,6 +159,20 @@ def _epoch_reporter(job: TrialJob, offset: int = 0):
     return report
 
 
+@contextlib.contextmanager
+def _defending(job: TrialJob, out_dir: Path):
+    """Around a trial's defense: its memory given back at the end; on a failure, with a storage,
+    its temporary output folder deleted (nothing will read it now)."""
+    try:
+        yield
+    except BaseException:
+        if job.storage_uri is not None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        _release_memory()
+
+
 def _stage_outcome(result: dict) -> dict:
     """One defended stage's final metrics (``run_defense_stage``'s result)."""
     after, before = result["after"], result["before"]
@@ -191,17 +206,10 @@ def defense_trial(config: dict, job: TrialJob) -> None:
     checkpoints = trial_checkpoints(job, trial_id)
     if checkpoints.resume_phase >= 0:
         print(f"trial {trial_id}: resuming from its checkpoint (training phase {checkpoints.resume_phase})")
-    try:
-        artifact_dir = _stage_artifact(job, case.attack_hash, case.artifact_dir)
-        with checkpointing(checkpoints):
-            result = run_defense_stage(artifact_dir, dspec, out_dir, data_root=job.data_root,
-                                       report=_epoch_reporter(job), epoch_eval_size=job.epoch_eval_size)
-    except BaseException:
-        if job.storage_uri is not None:          # a temporary folder nothing will read now
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    finally:
-        _release_memory()
+    with _defending(job, out_dir), checkpointing(checkpoints):
+        result = run_defense_stage(_stage_artifact(job, case.attack_hash, case.artifact_dir), dspec, out_dir,
+                                   data_root=job.data_root, report=_epoch_reporter(job),
+                                   epoch_eval_size=job.epoch_eval_size)
     final = {**_stage_outcome(result), "measured": 1, "fully_trained": True, "final": True, "stage": "final",
              "out_dir": str(out_dir)}
     final["score"] = _score(final["ba"], final["asr"])
@@ -226,7 +234,7 @@ def staged_defense_trial(job: TrialJob, case: TrialCase, trial_id: str, out_dir:
     trial = trial_checkpoints(job, trial_id)
     exempt = case.params in job.rung_exempt
     outcomes, step, kept, resumed_phase = [], 0, 0, False
-    try:
+    with _defending(job, out_dir):
         for i, ref in enumerate(case.stages):
             stage_dir, where = out_dir if i == 0 else out_dir / f"stage-{i}", f"{trial.prefix}/stage-{i}"
             outcome = _kept_stage(trial.storage, where, stage_dir)
@@ -252,12 +260,6 @@ def staged_defense_trial(job: TrialJob, case: TrialCase, trial_id: str, out_dir:
                 if not exempt:
                     report[STAGE_RUNG_KEY] = i + 1
                 tune.report(report)
-    except BaseException:
-        if job.storage_uri is not None:          # a temporary folder nothing will read now
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    finally:
-        _release_memory()
     final = {**stages_summary(outcomes), "step": step, "measured": 1, "fully_trained": True, "final": True,
              "stage": "final", "out_dir": str(out_dir), "resumed_stages": kept,
              "resumed": int(kept > 0 or resumed_phase)}
