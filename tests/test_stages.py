@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from sweep.analysis import build_best_configs, select_best, tables_markdown
-from sweep.analysis._tables import aggregate_seeds, estimate_against_held_out
+from sweep.analysis import layout_section
+from sweep.analysis._tables import aggregate_seeds, estimate_against_held_out, seeds_markdown
 from sweep.config import STAGE_SEED_STRIDE, config_json, config_key, full_defense_params, load_preset, stage_seed
 from sweep.errors import ConfigError
 from sweep.planning import make_plan
@@ -192,6 +193,13 @@ def test_the_search_estimate_stands_beside_the_held_out_seeds():
     assert rows["best"]["search_asr"] == 6.0 and rows["best"]["search_asr_std"] == 1.0 and rows["best"]["stages"] == 3
     assert rows["best"]["held_out_asr"] == 15.0 and rows["best"]["held_out_asr_std"] == pytest.approx(7.07)
     assert rows["paper_default"]["search_asr"] == 30.0 and rows["paper_default"]["n_held_out"] == 2
+    # report --seeds: the section, printed by the command too
+    undefended = pd.DataFrame([{"attack": "badnets", "defense": "none", "config": "-", "seed": seed, "asr": 1.0,
+                                "ba": 0.8, "ra": 0.0, "paper_asr": None, "paper_ba": None} for seed in (0, 1, 2)])
+    searched = held_out.assign(seed=0, asr=[0.06, 0.06, 0.3, 0.3]).iloc[[0, 2]]
+    md, tables = seeds_markdown(cfg, pd.concat([undefended, searched, held_out], ignore_index=True), 0, estimate)
+    assert "| badnets | ft | selected | 6.00 ± 1.00 (3 stage(s)) | 15.00 ± 7.07 (2 seed(s)) |" in layout_section(md)
+    assert len(tables["estimate_vs_held_out"]) == 2
 
 
 # ============================================================================ what it costs

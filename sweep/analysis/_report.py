@@ -43,11 +43,13 @@ class Report:
 
 def layout_section(markdown: str) -> str:
     """The part of a report that holds the tables in the paper's layout (and, over seeds, the
-    selected-against-default comparison): what ``python -m sweep report`` prints."""
+    selected-against-default comparison and the search's estimate beside the held-out seeds):
+    what ``python -m sweep report`` prints."""
     lines, keep = [], False
     for line in markdown.splitlines():
         if line.startswith("## "):
-            keep = line.startswith(("## Results in the layout", "## The selected configuration"))
+            keep = line.startswith(("## Results in the layout", "## The selected configuration",
+                                    "## The search's estimate"))
         if keep:
             lines.append(line)
     return "\n".join(lines).strip()
