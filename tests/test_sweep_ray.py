@@ -90,10 +90,12 @@ def test_reduced_quickstart_sweep_tracks_everything_and_a_failing_trial_fails_al
     assert parent.info.status == "FINISHED" and parent.info.run_id == res.parent_run_id
     experiment = c.get_experiment(parent.info.experiment_id)
     assert experiment.name == "quickstart"                                          # one experiment per preset
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"   # the UI's model training
     # the MLflow UI's shared view (?viewStateShareKey=backdoor-sweep): the metrics and searched params
     view = json.loads(experiment.tags["mlflow.sharedViewState.backdoor-sweep"])
     assert view["selectedColumns"][:4] == ["metrics.`ba`", "metrics.`asr`", "metrics.`ra`", "metrics.`der`"]
-    assert {"params.`lambda1`", "params.`lr`", "tags.`attack`", "tags.`defense`"} <= set(view["selectedColumns"])
+    assert {"params.`lambda1`", "params.`lr`", "tags.`attack`", "tags.`defense`", "tags.`purpose`"} \
+        <= set(view["selectedColumns"])
     for r in runs:                                  # DESIGN's tags on every run
         tags = r.data.tags
         assert set(TAG_KEYS) <= set(tags)
@@ -119,6 +121,8 @@ def test_reduced_quickstart_sweep_tracks_everything_and_a_failing_trial_fails_al
             continue
         assert r.data.tags["fully_trained"] == "true"
         assert {"ba", "asr", "ra", "der", "train_seconds", "images_per_second"} <= set(r.data.metrics)
+        assert r.data.tags["purpose"] == "search"
+        assert all(round(r.data.metrics[m], 4) == r.data.metrics[m] for m in ("ba", "asr", "ra"))   # as reported
         assert "epochs" in r.data.params and "lr" in r.data.params
         steps = [m.step for m in c.get_metric_history(r.info.run_id, "ba")]
         assert len(steps) >= 2 and min(steps) >= 1          # per epoch (step = epoch), then final
@@ -174,7 +178,7 @@ def test_reduced_quickstart_sweep_tracks_everything_and_a_failing_trial_fails_al
 
     # the on-demand report finds the sweep by its preset name and writes the same selection
     again = make_report("quickstart", workdir=tmp_path, progress=lambda m: None)
-    assert again.best_configs == best
+    assert again.best_configs.to_dict() == best
     assert "MLFLOW_TRACKING_URI" not in os.environ      # reading runs leaves no global state behind
 
 
