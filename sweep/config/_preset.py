@@ -62,6 +62,7 @@ Preset fields (defaults in brackets; ``sweep.schema.DEFAULTS``)::
                                        reports their aggregates (<metric>_mean, _worst, _std: what
                                        objectives and selection may name); with early stopping
                                        on, ASHA cuts at 1, 2, 4... stages instead of epochs
+                                       (and no searched schedule is pinned)
     resources: {cpus: 1, gpus: 0, attack_cpus: null, attack_gpus: null}  per trial / attack stage
     max_failures: 0                    Tune's retries of a failed trial, and Ray's of an attack
                                        stage whose node was lost (-1: no limit)
