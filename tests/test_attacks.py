@@ -236,6 +236,16 @@ def test_sig_adds_a_horizontal_sine_of_the_right_amplitude(data):
     assert (attack.poison(x, torch.arange(16)) - x).abs().max() <= 20 / 255 + 1e-6
 
 
+def test_sig_mix_blends_the_stretched_sine_at_alpha_in_training_and_test(data):
+    x = images(data)
+    attack = make("sig", data, mode="mix", alpha=0.2, delta_test=40 / 255)
+    j = torch.arange(32, dtype=torch.float64)
+    stripes = ((1 + torch.sin(2 * torch.pi * j * 6 / 32)) / 2).float()
+    expected = 0.8 * x + 0.2 * stripes
+    torch.testing.assert_close(attack.poison(x, torch.arange(16)), expected)
+    torch.testing.assert_close(attack.apply(x), expected)       # Δ plays no part in a blend
+
+
 def test_cla_trigger_is_a_corner_checkerboard(data):
     x = images(data)
     out = make("cla", data).apply(x)

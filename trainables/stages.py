@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from trainables import registry
 from trainables.artifacts import ArtifactCache, spec_hash
@@ -43,6 +44,9 @@ from trainables.version import code_version
 
 STANDARD_FILES = ("model.pt", "spec.json", "metrics.json")
 _KEYED_WHEN_OFF = ("augment", "shuffle")
+# a twin stage's seed: far from the sweep's own stages (s + i·1,000,000) and from any seed a user
+# replicates at, so a twin is never a stage that is defended or held out
+TWIN_SEED_OFFSET = 500_000
 
 
 # ============================================================================ specs
@@ -72,6 +76,23 @@ class AttackStageSpec:
     def clean(self) -> "AttackStageSpec":
         """The clean-model stage with the same data, model, budget and seed."""
         return dataclasses.replace(self, attack="none", attack_params={})
+
+    def twin(self) -> "AttackStageSpec":
+        """The same stage trained again from another seed (initialisation and batch order; the
+        poisoned set is the attack's own draw): a second backdoored model, as MCR's authors
+        trained their two curve endpoints."""
+        return dataclasses.replace(self, seed=self.seed + TWIN_SEED_OFFSET)
+
+    @classmethod
+    def of_artifact(cls, spec_json: dict) -> "AttackStageSpec | None":
+        """The spec an attack-stage artifact was trained from (its ``spec.json``), or None for
+        anything else (an external model, a defended model)."""
+        if spec_json.get("stage") != "attack":
+            return None
+        attack = spec_json.get("attack") or {"name": "none", "params": {}}
+        spec = cls(spec_json["dataset"], spec_json["model"]["name"], attack["name"], attack.get("params", {}),
+                   spec_json["train"], int(spec_json["seed"]))
+        return spec if spec.hash() == spec_json.get("hash") else None
 
     @property
     def sgd(self) -> SGDConfig:
@@ -339,10 +360,35 @@ def load_attack_artifact(path: str | Path, *, data_root: str | None = None,
 def run_defense_stage(artifact_dir: str | Path, dspec: DefenseStageSpec, out_dir: str | Path | None, *,
                       data_root: str | None = None, rt: Runtime | None = None,
                       report: Callable[[dict], None] | None = None, progress: Callable[[str], None] = print,
-                      epoch_eval_size: int = 2000) -> dict:
-    """Apply a defense to an attack-stage artifact; write the standard files into ``out_dir``."""
+                      epoch_eval_size: int = 2000, cache: str | Path | ArtifactCache | None = None) -> dict:
+    """Apply a defense to an attack-stage artifact; write the standard files into ``out_dir``.
+
+    ``cache`` holds (or receives) the stage's twin (``AttackStageSpec.twin``) for a defense that
+    asks for it; by default the cache the artifact is an entry of."""
     art = load_attack_artifact(artifact_dir, data_root=data_root)
-    return defend(art, dspec, out_dir, rt=rt, report=report, progress=progress, epoch_eval_size=epoch_eval_size)
+    rt = rt or pick_runtime()
+    return defend(art, dspec, out_dir, rt=rt, report=report, progress=progress, epoch_eval_size=epoch_eval_size,
+                  twin=_twin_loader(art, cache, data_root, rt, progress, epoch_eval_size))
+
+
+def _twin_loader(art: AttackArtifact, cache, data_root, rt: Runtime, progress: Callable[[str], None],
+                 epoch_eval_size: int) -> Callable[[], nn.Module] | None:
+    """A loader of ``art``'s twin stage (trained into the cache on first use), or None where
+    ``art`` is no cached attack stage."""
+    spec = AttackStageSpec.of_artifact(art.spec)
+    if spec is None:
+        return None
+    if cache is None:
+        cache = ArtifactCache(art.path.parent)
+        if cache.lookup(spec.hash()) is None:      # not a cache entry: never write beside it
+            return None
+    twin = spec.twin()
+
+    def load() -> nn.Module:
+        progress(f"twin stage {twin.attack} seed {twin.seed} ({twin.hash()[:8]})")
+        return prepare(load_model(run_attack_stage(twin, cache, data_root=data_root, rt=rt, progress=progress,
+                                                   epoch_eval_size=epoch_eval_size)), rt)
+    return load
 
 
 def load_external(model_file: str | Path, spec_file: str | Path, *, attack: str | None = None,
@@ -370,7 +416,8 @@ def load_external(model_file: str | Path, spec_file: str | Path, *, attack: str 
 
 def defend(art: AttackArtifact, dspec: DefenseStageSpec, out_dir: str | Path | None, *,
            rt: Runtime | None = None, report: Callable[[dict], None] | None = None,
-           progress: Callable[[str], None] = print, epoch_eval_size: int = 2000) -> dict:
+           progress: Callable[[str], None] = print, epoch_eval_size: int = 2000,
+           twin: Callable[[], nn.Module] | None = None) -> dict:
     rt = rt or pick_runtime()
     start = time.perf_counter()
     cls = registry.get_defense(dspec.defense)
@@ -393,7 +440,8 @@ def defend(art: AttackArtifact, dspec: DefenseStageSpec, out_dir: str | Path | N
     gen = torch.Generator().manual_seed(dspec.seed)
     ctx = DefenseContext(rt=rt, seed=dspec.seed, num_classes=dataset.num_classes, evaluate=per_epoch,
                          score_filter=score_filter, report=report or (lambda e: None), progress=label,
-                         oracle_trigger=(lambda x: attack.apply(x, gen)) if attack else None)
+                         oracle_trigger=(lambda x: attack.apply(x, gen)) if attack else None,
+                         twin_model=twin)
     bind_log(ctx.history)       # a retried trial's log as of its last checkpoint comes back here
     mname = art.spec["model"]["name"]
     ctx.build_model = lambda name=None: prepare(_seeded_model(name or mname, dataset, dspec.seed), rt)

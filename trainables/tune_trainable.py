@@ -128,11 +128,16 @@ def _score(ba: float, asr: float) -> float:
     return ba - asr if math.isfinite(ba) and math.isfinite(asr) else NAN
 
 
+def _cache(job: TrialJob):
+    """The sweep's attack-stage cache as this node sees it (a defense's twin stage comes from it)."""
+    return stage_cache(job.cache_dir, job.storage_uri, job.storage_endpoint)
+
+
 def _stage_artifact(job: TrialJob, attack_hash: str | None, artifact_dir: str | None) -> str | None:
     """The attack stage's artifact folder on this node (with a storage: its node-local copy)."""
     if job.storage_uri is None:
         return artifact_dir
-    found = stage_cache(job.cache_dir, job.storage_uri, job.storage_endpoint).lookup(attack_hash)
+    found = _cache(job).lookup(attack_hash)
     if found is None:
         raise FileNotFoundError(f"attack stage {attack_hash} is not in the storage {job.storage_uri}")
     return found
@@ -209,7 +214,7 @@ def defense_trial(config: dict, job: TrialJob) -> None:
     with _defending(job, out_dir), checkpointing(checkpoints):
         result = run_defense_stage(_stage_artifact(job, case.attack_hash, case.artifact_dir), dspec, out_dir,
                                    data_root=job.data_root, report=_epoch_reporter(job),
-                                   epoch_eval_size=job.epoch_eval_size)
+                                   epoch_eval_size=job.epoch_eval_size, cache=_cache(job))
     final = {**_stage_outcome(result), "measured": 1, "fully_trained": True, "final": True, "stage": "final",
              "out_dir": str(out_dir)}
     final["score"] = _score(final["ba"], final["asr"])
@@ -245,7 +250,7 @@ def staged_defense_trial(job: TrialJob, case: TrialCase, trial_id: str, out_dir:
                 with checkpointing(phases):
                     result = run_defense_stage(_stage_artifact(job, ref.hash, ref.artifact_dir), dspec, stage_dir,
                                                data_root=job.data_root, report=_epoch_reporter(job, step),
-                                               epoch_eval_size=job.epoch_eval_size)
+                                               epoch_eval_size=job.epoch_eval_size, cache=_cache(job))
                 outcome = _stage_outcome(result)
                 _keep_stage(trial.storage, where, stage_dir, outcome)
                 _release_memory()

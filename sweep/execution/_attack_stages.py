@@ -95,13 +95,15 @@ def _stage_failed(ctx: SweepContext, s: StagePlan, msg: str) -> None:
 
 def _log_stage_run(ctx: SweepContext, s: StagePlan, path: Path | None, trained: bool = False,
                    error: str | None = None) -> None:
-    """One attack child run per distinct stage and sweep (reattached on resume)."""
+    """One attack child run per distinct stage and sweep (reattached on resume); a twin stage's
+    has the role ``twin``, so that no table or report reads it as the attack's stage."""
     tracker = ctx.tracker
-    existing = tracker.find_run(ctx.state.sweep_id, role="attack", attack_hash=s.hash)
+    role = "twin" if s.twin else "attack"
+    existing = tracker.find_run(ctx.state.sweep_id, role=role, attack_hash=s.hash)
     if existing is not None and existing.info.status == "FINISHED":
         return
     spec = s.spec
-    tags = {**ctx.base_tags, "role": "attack", "attack": s.attack, "defense": "none", "attack_hash": s.hash,
+    tags = {**ctx.base_tags, "role": role, "attack": s.attack, "defense": "none", "attack_hash": s.hash,
             "dataset": spec.dataset, "cached": str(not trained).lower(), "fully_trained": "true"}
     if existing is not None:       # left open by a crashed driver, or FAILED before a --resume
         run_id = existing.info.run_id
@@ -110,7 +112,7 @@ def _log_stage_run(ctx: SweepContext, s: StagePlan, path: Path | None, trained: 
             tracker.delete_tags(run_id, ["error"])
     else:
         params = {**spec.attack_params, **{f"train.{k}": v for k, v in spec.train.items()}}
-        run_id = tracker.create_run(f"attack/{s.attack}/{s.hash[:8]}", tags, ctx.parent_run_id, params)
+        run_id = tracker.create_run(f"{role}/{s.attack}/{s.hash[:8]}", tags, ctx.parent_run_id, params)
     if error is not None:
         tracker.set_tags(run_id, {"error": error[:5000], "fully_trained": "false"})
         tracker.end(run_id, "FAILED")

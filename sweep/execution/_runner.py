@@ -105,7 +105,7 @@ def run_sweep(cfg: SweepConfig, *, workdir: str | Path = "sweep-runs", tracking_
         result.trained_stages, result.failed_stages = ctx.trained_stages, ctx.failed_stages
         result.failed_pairs = {k: v for what in ctx.state.failures.values() for k, v in what.items()}
         result.attack_stages = {s.attack: ctx.stage_dirs[s.hash] for s in ctx.plan.stages
-                                if s.hash in ctx.stage_dirs and s.level == 1 and s.index == 0}
+                                if s.hash in ctx.stage_dirs and s.level == 1 and s.index == 0 and not s.twin}
         result.trials = _count_trials(ctx.tracker, ctx.state.sweep_id)
         _finish(ctx, status, result)
     if cfg.kind == "defense":

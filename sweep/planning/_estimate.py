@@ -195,6 +195,8 @@ def dry_run(cfg: SweepConfig, workdir: str | Path | None = None) -> str:
         if cache is not None:
             state = " [cached]" if cache.lookup(s.hash) else " [to train]"
         what = f"clean model ({', '.join(needs_clean)} fit on it)" if s.attack == "none" else s.attack
+        if s.twin:
+            what += f" twin (seed {s.spec.seed}: MCR's second endpoint)"
         lines.append(f"  {s.hash}  {what} on {s.spec.dataset}, {s.spec.train['epochs']} epochs{state}")
     cross = 0
     if cfg.kind == "defense" and cfg.search.cross_check and len(cfg.attacks) > 1:

@@ -31,6 +31,7 @@ class StagePlan:
     hash: str
     level: int                     # 0: clean models other stages need; 1: the attack stages
     index: int = 0                 # which of the attack's ``search.stages`` stages (its seed: stage_seed)
+    twin: bool = False             # stage ``index``'s twin (``AttackStageSpec.twin``), which MCR may ask for
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class Plan:
 
     def stages_for(self, attack: str) -> tuple[StagePlan, ...]:
         """The attack's stages, in order (``search.stages`` of them)."""
-        return tuple(sorted((s for s in self.stages if s.attack == attack and s.level == 1), key=lambda s: s.index))
+        return tuple(sorted((s for s in self.stages if s.attack == attack and s.level == 1 and not s.twin),
+                            key=lambda s: s.index))
 
     @property
     def num_trials(self) -> int:
@@ -85,6 +87,10 @@ def make_plan(cfg: SweepConfig) -> Plan:
                     clean = spec.clean()
                     stages.setdefault(clean.hash(), StagePlan("none", clean, clean.hash(), 0, index))
                 stages.setdefault(spec.hash(), StagePlan(a.name, spec, spec.hash(), 1, index))
+                if a.name != "none" and any(registry.get_defense(d.name).needs_twin_stage(d.params_dict)
+                                            for d in cfg.defenses):
+                    twin = spec.twin()
+                    stages.setdefault(twin.hash(), StagePlan(a.name, twin, twin.hash(), 1, index, twin=True))
             for d in cfg.defenses:
                 n = d.num_samples if d.space else 1
                 pairs.append(PairPlan(f"{a.name}__{d.name}", a.name, d.name, d.space, d.params, n, d.also_try))

@@ -14,6 +14,16 @@ What the paper leaves open, and what this implementation chose: Δ is given in [
 test time, commonly Δ_test = 40/255, which raises ASR; the default here keeps the training
 strength, 20/255, so ``delta_test`` defaults to it. The signal is the same on every row
 and every channel. ``state["signal"]`` holds the unit-amplitude 1×1×1×W row.
+
+``mode: mix`` is the SIG of NAD's reference code (Li et al., "Neural Attention Distillation",
+ICLR 2021; bboylyg/NAD data_loader.py, ``_signalTrigger``), which NBA's setting descends from: a
+stored vertical-stripe mask blended into the image at α = 0.2, the same at training and test,
+
+    x' = (1 − α)·x + α·s,   s(i, j) = (1 + sin(2π·j·f / m)) / 2
+
+The mask itself ships only as a binary file; ``s``, the same sinusoid stretched to [0, 1], is our
+choice for it. It moves a pixel by up to α/2 = 0.1 and lowers the contrast by 1 − α, a far stronger
+cue than Δ = 20/255 added.
 """
 from __future__ import annotations
 
@@ -36,6 +46,9 @@ class Params(CleanLabelParams):
     delta_test: float = param(20 / 255, "signal amplitude Δ on test images (20/255 = the training "
                                         "strength; 40/255 is common)", low=0.0, high=1.0)
     frequency: float = param(6.0, "number f of sine periods across the image width (Barni et al.: 6)", low=0.0)
+    mode: str = param("add", "add: x + Δ·v (Barni et al.) | mix: (1−α)·x + α·(1 + v)/2, a blend like NAD's "
+                             "reference code (the same at training and test; Δ unused)", choices=("add", "mix"))
+    alpha: float = param(0.2, "blend weight α of mode mix (NAD's data_loader.py: 0.2)", low=0.0, high=1.0)
 
 
 def sine_signal(width: int, frequency: float) -> torch.Tensor:
@@ -47,6 +60,11 @@ def sine_signal(width: int, frequency: float) -> torch.Tensor:
 def add_signal(x: torch.Tensor, signal: torch.Tensor, delta: float) -> torch.Tensor:
     """``clip(x + Δ·v)`` on a float [0, 1] batch."""
     return (x + delta * signal.to(x.device, x.dtype)).clamp(0, 1)
+
+
+def mix_signal(x: torch.Tensor, signal: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(1 − α)·x + α·(1 + v)/2`` on a float [0, 1] batch."""
+    return (1 - alpha) * x + alpha * (1 + signal.to(x.device, x.dtype)) / 2
 
 
 @register_attack
@@ -61,8 +79,13 @@ class SIG(Attack):
         super().__init__(params, dataset)
         self.state = {"signal": sine_signal(self.image_size, params.frequency)}
 
+    def _stamp(self, x: torch.Tensor, delta: float) -> torch.Tensor:
+        if self.params.mode == "mix":
+            return mix_signal(x, self.state["signal"], self.params.alpha)
+        return add_signal(x, self.state["signal"], delta)
+
     def poison(self, x: torch.Tensor, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return add_signal(x, self.state["signal"], self.params.delta_train)
+        return self._stamp(x, self.params.delta_train)
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return add_signal(x, self.state["signal"], self.params.delta_test)
+        return self._stamp(x, self.params.delta_test)

@@ -40,6 +40,10 @@ class DefenseContext:
     score_filter: Callable[[torch.Tensor], dict] = lambda index: {}
     # oracle for ablations only (NBA Table 5): the attack's trigger on a float batch
     oracle_trigger: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # post-training, for a defense whose method assumes two backdoored models (MCR's authors):
+    # the suspicious model's attack stage trained again from another seed (``AttackStageSpec.twin``);
+    # None where the suspicious model is no cached attack stage
+    twin_model: Callable[[], nn.Module] | None = None
     report: Callable[[dict], None] = lambda logs: None
     progress: Callable[[str], None] = print
     history: list = field(default_factory=list)
@@ -103,6 +107,12 @@ class Defense:
             The images through forward + backward passes and the epochs that log test metrics.
         """
         raise NotImplementedError(f"defense {cls.name} does not state its cost")
+
+    @classmethod
+    def needs_twin_stage(cls, params: dict) -> bool:
+        """Whether a run with these (fixed) parameters asks for ``DefenseContext.twin_model``: a
+        sweep then trains the twin beside the attack stages, not inside a trial."""
+        return False
 
     def run(self, ctx: DefenseContext) -> nn.Module:
         """Repair the suspicious model, or train a new one from the poisoned set.

@@ -1,8 +1,7 @@
 """MCR: mode connectivity repair (Zhao, Chen, Das, Ramamurthy & Lin, "Bridging Mode Connectivity in
 Loss Landscapes and Adversarial Robustness", ICLR 2020).
 
-Two endpoints, w1 = the backdoored model and w2 = the backdoored model fine-tuned on the clean
-subset, are joined by a quadratic Bezier curve
+Two endpoints, w1 = the backdoored model and w2, are joined by a quadratic Bezier curve
 
     φ_θ(t) = (1 − t)² w1 + 2t(1 − t) θ + t² w2,   t ∈ [0, 1]                 (MCR Eq. 1)
 
@@ -16,6 +15,14 @@ on the clean subset (``losses.recalibrate_bn``).
 The curve is evaluated with ``torch.func.functional_call`` on the model itself, so it works on
 any architecture: every parameter (convolutions, linear, BatchNorm affine) lies on the curve;
 buffers (BatchNorm statistics) are the model's own during training and recomputed at the end.
+
+w2 (``endpoint``): ``finetune`` (default) is the backdoored model fine-tuned on the clean subset;
+``twin`` is a second backdoored model trained independently on the same poisoned data (the attack
+stage again from another seed, ``AttackStageSpec.twin``), as the authors' code builds both
+endpoints (IBM/model-sanitization, backdoor/backdoor-svhn/README.md, last section: the endpoints
+are trained with ``train_poison.py``; ``train_poison_same_poisoned_data.py`` beside it). A twin
+does not share the first model's basin; a fine-tuned copy at lr 0.01 stays in it, and so may
+the whole curve.
 
 Choices where the paper is open: w2 is fine-tuned with the shared ``finetune`` helper for
 ``endpoint_epochs`` (10) at lr 0.01 (cosine, batch 64, wd 5e-4); the curve trains ``epochs`` (100)
@@ -36,7 +43,7 @@ from trainables.defenses._common import epoch_logger, finetune
 from trainables.defenses.base import Cost, Defense, DefenseContext
 from trainables.engine import SGDConfig, prepare, train
 from trainables.losses import recalibrate_bn
-from trainables.params import param
+from trainables.params import ParamError, param
 from trainables.registry import register_defense
 
 
@@ -48,6 +55,9 @@ class Params:
     batch_size: int = param(128, "curve training batch size", low=1)
     l2: float = param(5e-4, "explicit L2 weight on the curve point, wd/2·||φ(t)||² (MCR/Garipov: 5e-4)",
                       low=0.0, high=0.1)
+    endpoint: str = param("finetune", "w2: finetune (the model fine-tuned on the clean subset) | twin (a second "
+                                      "backdoored model trained from another seed, as MCR's code does)",
+                          choices=("finetune", "twin"))
     endpoint_epochs: int = param(10, "fine-tuning epochs of the w2 endpoint", low=0, high=500)
     endpoint_lr: float = param(0.01, "fine-tuning lr of the w2 endpoint", low=1e-5, high=1.0)
 
@@ -98,18 +108,29 @@ class MCR(Defense):
 
     @classmethod
     def cost(cls, p, n_images: int) -> Cost:
-        # the w2 endpoint's fine-tuning, then the curve (one point of it per step)
-        epochs = p.endpoint_epochs + p.epochs
+        # the w2 endpoint's fine-tuning (a twin is an attack stage of its own), then the curve
+        epochs = (p.endpoint_epochs if p.endpoint == "finetune" else 0) + p.epochs
         return Cost(passes=epochs * n_images, logged_epochs=epochs)
+
+    @classmethod
+    def needs_twin_stage(cls, params: dict) -> bool:
+        return params.get("endpoint") == "twin"
+
+    def second_endpoint(self, ctx: DefenseContext, model: nn.Module) -> nn.Module:
+        if self.params.endpoint == "twin":
+            if ctx.twin_model is None:
+                raise ParamError("defense.mcr.endpoint=twin needs the suspicious model to be a cached attack "
+                                 "stage (a twin is that stage trained again); use endpoint=finetune")
+            return ctx.twin_model()
+        tuned = copy.deepcopy(model)
+        finetune(tuned, ctx.clean, self.params.endpoint_sgd(), ctx, stage="mcr-endpoint")
+        return tuned
 
     def run(self, ctx: DefenseContext) -> nn.Module:
         p, rt = self.params, ctx.rt
         model = prepare(ctx.model, rt)
         w1 = {k: v.detach().clone() for k, v in model.named_parameters()}
-        tuned = copy.deepcopy(model)
-        finetune(tuned, ctx.clean, p.endpoint_sgd(), ctx, stage="mcr-endpoint")
-        w2 = {k: v.detach().clone() for k, v in tuned.named_parameters()}
-        del tuned
+        w2 = {k: v.detach().clone() for k, v in self.second_endpoint(ctx, model).named_parameters()}
         theta = {k: nn.Parameter((w1[k] + w2[k]) / 2) for k in w1}
         clean_x = ctx.clean.x.to(rt.device)
         gen = torch.Generator().manual_seed(ctx.seed + 3)
