@@ -393,6 +393,41 @@ def test_cla_perturbs_within_eps_then_adds_the_trigger(data, rt, untrained):
         attack.poison(to_float(data.train.x[other]), other)
 
 
+def pgd_accuracy(model, data, rt, n: int = 256) -> float:
+    from trainables.losses import pgd_untargeted
+    x, y = to_float(data.test.x[:n]).to(rt.device), data.test.y[:n].to(rt.device)
+    x_adv = pgd_untargeted(model.eval(), x, y, eps=8 / 255, step=2 / 255, steps=7,
+                           generator=torch.Generator(rt.device).manual_seed(0))
+    with torch.no_grad():
+        return float((model(x_adv).argmax(1) == y).float().mean())
+
+
+def test_cla_crafts_on_an_adversarially_trained_surrogate_and_leaves_the_clean_model(data, rt, clean):
+    before = {k: v.clone() for k, v in clean.state_dict().items()}
+    seen = []
+    attack = make("cla", data, surrogate_epochs=1, surrogate_steps=1, steps=2, poison_rate=0.02)
+    index = attack.select(data.train.y)
+    ctx = FitContext(rt=rt, dataset=data, seed=0, clean_model=lambda: clean, progress=seen.append)
+    attack.fit(ctx, data.train, index)
+    assert all(torch.equal(v, clean.state_dict()[k]) for k, v in before.items())
+    assert any("adversarial training of the surrogate, 1 epoch(s)" in m for m in seen)
+    plain = make("cla", data, steps=2, poison_rate=0.02)
+    plain.fit(ctx, data.train, index)
+    assert not torch.equal(plain.state["perturbed"], attack.state["perturbed"])    # another model crafted them
+
+
+@pytest.mark.slow
+def test_the_adversarially_trained_surrogate_holds_up_under_pgd(data, rt, clean):
+    from trainables.attacks.cla import adversarially_train
+    surrogate = copy.deepcopy(clean)
+    params = make("cla", data, surrogate_epochs=2, surrogate_steps=3).params
+    adversarially_train(surrogate, data.train, FitContext(rt=rt, dataset=data, seed=0, clean_model=lambda: clean,
+                                                          progress=lambda s: None), params)
+    robust, plain = pgd_accuracy(surrogate, data, rt), pgd_accuracy(clean, data, rt)
+    # measured (2-core CPU, bf16): clean model 0.000, surrogate 0.266
+    assert robust > plain + 0.15, (plain, robust)
+
+
 # ============================================================================ training (slow)
 
 def backdoor(name: str, data, rt, clean, **overrides):

@@ -119,6 +119,19 @@ def pgd_untargeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     return (x + delta).detach()
 
 
+def adversarial_training_loss(*, eps: float, step: float, steps: int, generator: torch.Generator | None = None):
+    """The engine ``loss_fn`` of PGD adversarial training (Madry et al. 2018, Eq. 2.1): CE on
+    ``pgd_untargeted``'s images of each batch, crafted with the model in eval mode so that the
+    attack's passes leave the BatchNorm statistics alone."""
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+        model.eval()
+        x_adv = pgd_untargeted(model, x, y, eps=eps, step=step, steps=steps, generator=generator)
+        model.train()
+        ce = F.cross_entropy(model(x_adv).float(), y)
+        return ce, {"ce": ce}
+    return loss_fn
+
+
 # ----------------------------------------------------------------------------- BatchNorm
 
 @torch.no_grad()

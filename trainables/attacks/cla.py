@@ -16,9 +16,16 @@ them.
 
 What the paper leaves open, and what this implementation chose:
 
-* The clean model is ``ctx.clean_model()``: a normally trained model of the same dataset and
-  architecture. Turner et al. get their strongest attack from an adversarially trained model;
-  a normally trained one is what the stage caches, and it already makes PGD images misclassified.
+* The surrogate that PGD runs on is ``ctx.clean_model()``, a normally trained model of the same
+  dataset and architecture, or (``surrogate_epochs`` > 0) that model after PGD adversarial
+  training (Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR
+  2018): Turner et al. craft their perturbations on an adversarially trained model, whose
+  gradients follow the image's content, not noise. Their code ships the perturbed images
+  precomputed (MadryLab/label-consistent-backdoor-code, README.md, Step 1), so the surrogate's
+  training is ours: fine-tuning the cached clean model (not training one from scratch, which a
+  CPU cannot afford) at a constant ``surrogate_lr`` with crop + flip, batch 128 and weight decay
+  2e-4 (those two as MadryLab/cifar10_challenge, config.json), against PGD with Madry et al.'s
+  CIFAR-10 training adversary (ε = 8/255, 7 steps of 2/255).
 * PGD uses a random start (Madry et al.) drawn from ``poison_seed``; ε 8/255, step 2/255 and 10
   steps are the defaults (ε 16/255, step 1.5/255 and up to 100 steps are also common settings).
 * Reduced amplitude: the trigger pixels move toward the checkerboard by a fraction ``amplitude``
@@ -32,6 +39,7 @@ What the paper leaves open, and what this implementation chose:
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,8 +49,9 @@ from trainables.attacks.badnets import CORNERS, corner_mask, paste
 from trainables.attacks.base import Attack, CleanLabelParams, FitContext
 from trainables.data.base import Dataset, ImageSet
 from trainables.data.loader import to_float, to_uint8
-from trainables.engine import autocast, generator
-from trainables.losses import pgd_untargeted
+from trainables.engine import SGDConfig, autocast, generator
+from trainables.engine import train as train_model
+from trainables.losses import adversarial_training_loss, pgd_untargeted
 from trainables.params import param
 from trainables.registry import register_attack
 
@@ -58,6 +67,15 @@ class Params(CleanLabelParams):
     random_start: bool = param(True, "start PGD from a uniform random point in the ε-ball (Madry et al.)")
     trigger_size: int = param(3, "side of the checkerboard trigger (Turner et al.: 3)", low=1, high=32)
     four_corners: bool = param(False, "put the trigger in all four corners (Turner et al.'s variant)")
+    surrogate_epochs: int = param(0, "epochs of PGD adversarial training of the surrogate before crafting "
+                                     "(0: the clean model as it is; Turner et al. craft on an adversarially "
+                                     "trained one)", low=0, high=200)
+    surrogate_eps: float = param(8 / 255, "ε of the surrogate's adversarial training (Madry et al.: 8/255)",
+                                 low=0.0, high=1.0)
+    surrogate_steps: int = param(7, "PGD steps of the surrogate's adversarial training (Madry et al.: 7 of "
+                                    "2/255)", low=1)
+    surrogate_lr: float = param(0.01, "lr of the surrogate's adversarial fine-tuning (constant; our choice)",
+                                low=1e-5, high=1.0)
     amplitude: float = param(1.0, "trigger amplitude a in (0, 1]: pixels move a of the way to the "
                                   "pattern (Turner et al.: 1, reduced-visibility variants below 1)", low=0.0, high=1.0)
 
@@ -93,6 +111,18 @@ def cla_trigger(image_size: int, size: int, four_corners: bool, amplitude: float
 
 # ============================================================================ the attack
 
+def adversarially_train(model: torch.nn.Module, train: ImageSet, ctx: FitContext, p: Params) -> None:
+    """The surrogate: ``model`` after ``surrogate_epochs`` of PGD adversarial training, in place."""
+    cfg = SGDConfig(epochs=p.surrogate_epochs, lr=p.surrogate_lr, batch_size=128, momentum=0.9,
+                    weight_decay=2e-4, schedule="constant")
+    gen = generator(ctx.rt, p.poison_seed + 1)
+    ctx.progress(f"cla: adversarial training of the surrogate, {p.surrogate_epochs} epoch(s) against PGD "
+                 f"(ε={p.surrogate_eps * 255:.3g}/255, {p.surrogate_steps} steps)")
+    train_model(model, train, cfg, ctx.rt, seed=p.poison_seed, progress=ctx.progress, generators=(gen,),
+                loss_fn=adversarial_training_loss(eps=p.surrogate_eps, step=2 / 255, steps=p.surrogate_steps,
+                                                  generator=gen))
+
+
 @register_attack
 class CLA(Attack):
     name: ClassVar[str] = "cla"
@@ -105,8 +135,9 @@ class CLA(Attack):
 
     @classmethod
     def extra_passes(cls, p, n_train: int) -> float:
-        # PGD on the clean model, ``steps`` passes over each poisoned image
-        return p.steps * p.poison_rate * n_train
+        # the surrogate's adversarial training (PGD passes + the training pass over every image),
+        # then PGD on it, ``steps`` passes over each poisoned image
+        return p.surrogate_epochs * (p.surrogate_steps + 1) * n_train + p.steps * p.poison_rate * n_train
 
     def __init__(self, params: Params, dataset: Dataset):
         super().__init__(params, dataset)
@@ -114,9 +145,12 @@ class CLA(Attack):
         self.state = {"pattern": pattern, "mask": mask}
 
     def fit(self, ctx: FitContext, train: ImageSet, index: torch.Tensor) -> None:
-        """Step 2: untargeted PGD on the clean model for every image at ``index``."""
+        """Step 2: untargeted PGD on the surrogate for every image at ``index``."""
         p, rt = self.params, ctx.rt
         model = ctx.clean_model()
+        if p.surrogate_epochs:
+            model = copy.deepcopy(model)           # the cached clean model stays as it is
+            adversarially_train(model, train, ctx, p)
         model.eval()
         gen = generator(rt, p.poison_seed)
         index = index.cpu().sort().values
@@ -133,7 +167,7 @@ class CLA(Attack):
                     fooled += int((model(x_adv).argmax(1) != y).sum())
             perturbed[s:s + len(idx)] = to_uint8(x_adv).cpu()
         ctx.progress(f"cla: PGD (ε={p.eps * 255:.3g}/255, {p.steps} steps) on {len(index)} target-class images; "
-                     f"the clean model now misclassifies {fooled}/{len(index)}")
+                     f"the surrogate now misclassifies {fooled}/{len(index)}")
         self.state.update(index=index, perturbed=perturbed)
 
     def adversarial(self, index: torch.Tensor) -> torch.Tensor:
