@@ -88,3 +88,59 @@ def test_a_two_stage_search_trains_each_stage_once_prunes_after_a_stage_and_resu
     make_report(res.sweep_id, workdir=tmp_path, progress=lambda m: None)
     assert "best" not in c.get_registered_model("quickstart-ft").aliases
     assert {v.version for v in c.search_model_versions("name='quickstart-ft'")} == versions
+
+
+def test_a_driver_killed_between_stages_resumes_each_trial_at_its_next_stage(tmp_path, monkeypatch):
+    """The driver is SIGKILLed while a trial defends its second stage (a plugin pauses it there);
+    the resumed sweep restores the trial, which keeps its finished first stage and defends the
+    second: every (configuration, stage) is defended once, one run per trial, none RUNNING."""
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    import psutil
+
+    from sweep.execution import run_sweep
+    from test_sweep_ray import PLUGINS, ROOT, _driver, _kill_all, _wait_for_pause
+
+    workdir, fifo = tmp_path / "w", tmp_path / "paused.fifo"
+    workdir.mkdir()
+    os.mkfifo(fifo)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               SWEEP_PLUGINS="sweep_pause_second_stage", PAUSE_FIFO=str(fifo),
+               PAUSE_STATE_GLOB=str(workdir / "sweeps" / "*" / "ray" / "*" / "experiment_state-*.json"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
+    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "SWEEP_OPTUNA_STORAGE", "SWEEP_STORAGE"):
+        env.pop(var, None)
+    overrides = TINY + ["defenses.nba=null", "defenses.ft.num_samples=2", "defenses.ft.space.lr=[0.05, 0.2]",
+                        "defenses.ft.also_try=[{lr: 0.15}]", "search.max_concurrent=1", "search.stages=2"]
+    first = _driver(workdir, overrides, "new", env, tmp_path / "driver.log")
+    family = []
+    try:
+        assert _wait_for_pause(fifo, first), "the driver ended first:\n" + (tmp_path / "driver.log").read_text()[-3000:]
+        family = psutil.Process(first.pid).children(recursive=True)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        _kill_all(family)
+    trials_dir = next((workdir / "sweeps").glob("*/trials"))
+    seeds = [stage_seed(0, 0), stage_seed(0, 1)]
+    assert (trials_dir / "defended.log").read_text().split("\n")[:-1] == [f"0.1 {seeds[0]}"]
+
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    _use_plugin(monkeypatch, "sweep_pause_second_stage")      # its pause is spent: it only logs now
+    monkeypatch.setenv("PAUSE_FIFO", str(fifo))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    said = []
+    res = run_sweep(load_preset("quickstart", overrides), workdir=workdir, resume=True, progress=said.append)
+    assert res.status == "FINISHED", said
+    log = (trials_dir / "defended.log").read_text().split("\n")[:-1]
+    assert sorted(log) == sorted(f"{lr} {s}" for lr in ("0.1", "0.15") for s in seeds), log
+    _, runs = _all_runs(workdir)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    trials = [r for r in runs if r.data.tags["role"] == "defense"]
+    assert sorted(float(r.data.params["lr"]) for r in trials) == [0.1, 0.15]        # no duplicate run
+    resumed = {float(r.data.params["lr"]): r.data.metrics.get("resumed_stages") for r in trials}
+    assert resumed[0.1] == 1, resumed
+    assert all(r.data.metrics["stages_done"] == 2 and r.info.status == "FINISHED" for r in trials)
