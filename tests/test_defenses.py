@@ -295,6 +295,11 @@ def _tiny_bn_model() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
 
 
+def _tiny_clean_set():
+    from trainables.data.base import ImageSet
+    return ImageSet(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))
+
+
 def test_anp_masks_and_noise_scale_the_batchnorm_affine_parameters():
     model = _tiny_bn_model()
     pert = anp_mod.NeuronPerturbation(anp_mod.batchnorms(model))
@@ -374,3 +379,21 @@ def test_the_teacher_schedule_is_constant_or_drops_to_a_tenth(name):
     nad_readme = teacher_sgd(make_params(cls.Params, {"teacher_lr": 0.1, "teacher_lr_drop": 2}))
     assert [nad_readme.lr_at(e) for e in range(nad_readme.epochs)] == pytest.approx([0.1] * 2 + [0.01] * 8)
     assert nad_readme.nesterov and nad_readme.augment
+
+
+@pytest.mark.parametrize("acc, chosen", [
+    # endpoints 0.90: the floor is 0.88; 0.4 and 0.5 fall below it, 0.6 is the nearest the middle above
+    ({0.0: 0.9, 0.1: 0.9, 0.2: 0.89, 0.3: 0.885, 0.4: 0.87, 0.5: 0.80, 0.6: 0.88, 0.7: 0.89, 0.8: 0.9,
+      0.9: 0.9, 1.0: 0.9}, 0.6),
+    # 0.4 and 0.6 both keep it: the tie goes to the smaller t
+    ({**{t / 10: 0.9 for t in range(11)}, 0.5: 0.5}, 0.4),
+    # no point keeps it: the most accurate one
+    ({**{t / 10: 0.5 for t in range(11)}, 0.0: 0.95, 1.0: 0.9, 0.2: 0.6}, 0.2),
+])
+def test_mcr_chooses_t_on_the_clean_subset(monkeypatch, acc, chosen):
+    # each curve point stands for itself; its "accuracy" is the table's
+    monkeypatch.setattr(mcr_mod, "curve_model", lambda shell, w1, theta, w2, t, x, cl: t)
+    monkeypatch.setattr(mcr_mod, "accuracy", lambda t, data, rt: acc[round(t, 1)])
+    ctx = DefenseContext(rt=RT, seed=0, num_classes=2, clean=_tiny_clean_set(), progress=lambda m: None)
+    mcr = mcr_mod.MCR(make_params(mcr_mod.Params, {"choose_t": "clean", "t_tolerance": 0.02}))
+    assert mcr.clean_t(ctx, None, {}, {}, {}) == chosen

@@ -24,6 +24,12 @@ are trained with ``train_poison.py``; ``train_poison_same_poisoned_data.py`` bes
 does not share the first model's basin; a fine-tuned copy at lr 0.01 stays in it, and so may
 the whole curve.
 
+``t``: fixed (``choose_t: fixed``), or chosen on the clean subset after the curve is trained
+(``choose_t: clean``; our rule, never test data): of the points t = 0.1, 0.2, …, 0.9, the one
+nearest the middle of the curve (farthest from both backdoored endpoints; a tie goes to the
+smaller t) whose clean-subset accuracy, BatchNorm recomputed, is within ``t_tolerance`` of the
+better endpoint's; with none such, the most accurate point.
+
 Choices where the paper is open: w2 is fine-tuned with the shared ``finetune`` helper for
 ``endpoint_epochs`` (10) at lr 0.01 (cosine, batch 64, wd 5e-4); the curve trains ``epochs`` (100)
 at lr 0.015 (within the 0.01–0.03 used for MCR's curves; Garipov et al.'s default) with a cosine
@@ -41,10 +47,13 @@ from torch.func import functional_call
 
 from trainables.defenses._common import epoch_logger, finetune
 from trainables.defenses.base import Cost, Defense, DefenseContext
-from trainables.engine import SGDConfig, prepare, train
+from trainables.engine import SGDConfig, accuracy, prepare, train
 from trainables.losses import recalibrate_bn
 from trainables.params import ParamError, param
 from trainables.registry import register_defense
+
+
+T_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)     # the points ``choose_t: clean`` weighs
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,10 @@ class Params:
     batch_size: int = param(128, "curve training batch size", low=1)
     l2: float = param(5e-4, "explicit L2 weight on the curve point, wd/2·||φ(t)||² (MCR/Garipov: 5e-4)",
                       low=0.0, high=0.1)
+    choose_t: str = param("fixed", "fixed: the repaired model is the point t | clean: the point nearest the "
+                                   "curve's middle that keeps the clean subset's accuracy", choices=("fixed", "clean"))
+    t_tolerance: float = param(0.02, "choose_t clean: accuracy a point may lose against the better endpoint "
+                                     "(fraction; our choice)", low=0.0, high=1.0)
     endpoint: str = param("finetune", "w2: finetune (the model fine-tuned on the clean subset) | twin (a second "
                                       "backdoored model trained from another seed, as MCR's code does)",
                           choices=("finetune", "twin"))
@@ -126,6 +139,18 @@ class MCR(Defense):
         finetune(tuned, ctx.clean, self.params.endpoint_sgd(), ctx, stage="mcr-endpoint")
         return tuned
 
+    def clean_t(self, ctx: DefenseContext, shell: nn.Module, w1: dict, theta: dict, w2: dict) -> float:
+        """``choose_t: clean``: the point nearest the middle that keeps the clean accuracy."""
+        clean_x = ctx.clean.x.to(ctx.rt.device)
+        acc = {t: accuracy(curve_model(shell, w1, theta, w2, t, clean_x, ctx.rt.channels_last), ctx.clean, ctx.rt)
+               for t in (0.0, *T_GRID, 1.0)}
+        floor = max(acc[0.0], acc[1.0]) - self.params.t_tolerance
+        kept = [t for t in T_GRID if acc[t] >= floor]
+        t = min(kept, key=lambda t: (abs(t - 0.5), t)) if kept else max(T_GRID, key=acc.get)
+        ctx.progress("mcr: clean-subset accuracy along the curve " +
+                     " ".join(f"t={k:g}:{100 * v:.1f}" for k, v in acc.items()) + f"; chosen t={t:g}")
+        return t
+
     def run(self, ctx: DefenseContext) -> nn.Module:
         p, rt = self.params, ctx.rt
         model = prepare(ctx.model, rt)
@@ -141,8 +166,9 @@ class MCR(Defense):
 
         train(model, ctx.clean, p.curve_sgd(), rt, seed=ctx.seed + 1, params=list(theta.values()),
               loss_fn=curve_loss(w1, theta, w2, p.l2, gen), on_epoch=on_epoch, generators=(gen,))
+        t = p.t if p.choose_t == "fixed" else self.clean_t(ctx, model, w1, theta, w2)
         with torch.no_grad():
-            for name, value in bezier(p.t, w1, theta, w2).items():
+            for name, value in bezier(t, w1, theta, w2).items():
                 model.get_parameter(name).copy_(value)
         recalibrate_bn(model, clean_x, channels_last=rt.channels_last)
         return model.eval()
