@@ -5,13 +5,12 @@ at a known point (two trials done, two running, all four in the state a resumed 
 Where things are comes from the environment, since a trial's own folder says nothing of it when
 its outputs go to a storage: ``PAUSE_FIFO`` (the FIFO), ``PAUSE_COUNTERS`` (a folder to count
 trial starts in) and ``PAUSE_STATE_GLOB`` (the Tune experiment-state files to look in)."""
-import glob
 import os
-import threading
-import time
 from pathlib import Path
 
 from trainables.plugins import register_trial_hook
+
+from plugin_helpers import claim, pause_for_good, trial_id_of
 
 PAUSE_AT = 4
 
@@ -19,31 +18,13 @@ PAUSE_AT = 4
 def _claim_start_number(counters: Path) -> int:
     counters.mkdir(parents=True, exist_ok=True)
     n = 1
-    while True:
-        try:
-            os.close(os.open(counters / f".started-{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return n
-        except FileExistsError:
-            n += 1
-
-
-def _state_knows(pattern: str, trial_id: str) -> bool:
-    for path in glob.glob(pattern):
-        try:
-            if trial_id in Path(path).read_text():
-                return True
-        except OSError:          # replaced while we read it
-            pass
-    return False
+    while not claim(counters / f".started-{n}"):
+        n += 1
+    return n
 
 
 @register_trial_hook
 def pause_fourth(case, out_dir):
     if _claim_start_number(Path(os.environ["PAUSE_COUNTERS"])) != PAUSE_AT:
         return
-    trial_id = out_dir.name.split("-")[1] if out_dir.name.startswith("trial-") else out_dir.name
-    while not _state_knows(os.environ["PAUSE_STATE_GLOB"], trial_id):
-        time.sleep(0.2)          # Tune saves its state on its own schedule: wait for the condition
-    with open(os.environ["PAUSE_FIFO"], "w") as fifo:   # blocks until the test listens
-        fifo.write(f"{os.getpid()}\n")
-    threading.Event().wait()     # paused until the test kills the sweep
+    pause_for_good(trial_id_of(out_dir))

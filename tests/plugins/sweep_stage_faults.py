@@ -3,24 +3,17 @@ second stage, as if its node were lost there (the trial claims the crash with a 
 the trials folder); fine-tuning at lr 0.2 returns an untrained model, so that early stopping
 stops it at its first rung. Every stage a fine-tuning trial finishes is appended to
 ``defended.log`` in the trials folder as "<lr> <stage seed>"."""
-import os
 
 from trainables.defenses.ft import FineTuning
 from trainables.plugins import register_trial_hook
+
+from plugin_helpers import claim
 
 CRASH_LR, WEAK_LR = 0.15, 0.2
 
 
 class NodeLost(RuntimeError):
     pass
-
-
-def _claim(marker) -> bool:
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return False
-    return True
 
 
 @register_trial_hook
@@ -31,7 +24,7 @@ def stage_faults(case, out_dir):
     run = FineTuning.run
 
     def faulty_run(self, ctx):
-        if lr == CRASH_LR and ctx.seed != 0 and _claim(trials / ".injected-crash"):
+        if lr == CRASH_LR and ctx.seed != 0 and claim(trials / ".injected-crash"):
             raise NodeLost(f"injected crash at the stage of seed {ctx.seed}")
         model = run(self, ctx)
         with open(trials / "defended.log", "a") as f:
