@@ -19,8 +19,8 @@ What the paper leaves open, and what this implementation chose:
 * The surrogate that PGD runs on is ``ctx.clean_model()``, a normally trained model of the same
   dataset and architecture, or (``surrogate_epochs`` > 0) that model after PGD adversarial
   training (Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR
-  2018): Turner et al. craft their perturbations on an adversarially trained model, whose
-  gradients follow the image's content, not noise. Their code ships the perturbed images
+  2018): Turner et al. craft their perturbations on an adversarially trained model. Their code
+  ships the perturbed images
   precomputed (MadryLab/label-consistent-backdoor-code, README.md, Step 1), so the surrogate's
   training is ours: fine-tuning the cached clean model (not training one from scratch, which a
   CPU cannot afford) at a constant ``surrogate_lr`` with crop + flip, batch 128 and weight decay

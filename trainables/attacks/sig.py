@@ -22,8 +22,8 @@ stored vertical-stripe mask blended into the image at α = 0.2, the same at trai
     x' = (1 − α)·x + α·s,   s(i, j) = (1 + sin(2π·j·f / m)) / 2
 
 The mask itself ships only as a binary file; ``s``, the same sinusoid stretched to [0, 1], is our
-choice for it. It moves a pixel by up to α/2 = 0.1 and lowers the contrast by 1 − α, a far stronger
-cue than Δ = 20/255 added.
+choice for it. It moves a pixel by up to α/2 = 0.1 and lowers the contrast by 1 − α: a stronger
+cue than Δ = 20/255 added (docs/measurements.md, "The methods as their authors ran them").
 """
 from __future__ import annotations
 
