@@ -20,12 +20,11 @@ What the paper leaves open, and what this implementation chose:
   dataset and architecture, or (``surrogate_epochs`` > 0) that model after PGD adversarial
   training (Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR
   2018): Turner et al. craft their perturbations on an adversarially trained model. Their code
-  ships the perturbed images
-  precomputed (MadryLab/label-consistent-backdoor-code, README.md, Step 1), so the surrogate's
-  training is ours: fine-tuning the cached clean model (not training one from scratch, which a
-  CPU cannot afford) at a constant ``surrogate_lr`` with crop + flip, batch 128 and weight decay
-  2e-4 (those two as MadryLab/cifar10_challenge, config.json), against PGD with Madry et al.'s
-  CIFAR-10 training adversary (ε = 8/255, 7 steps of 2/255).
+  ships the perturbed images precomputed (MadryLab/label-consistent-backdoor-code, README.md,
+  Step 1), so the surrogate's training is ours: fine-tuning the cached clean model (not training
+  one from scratch, which a CPU cannot afford) at a constant ``surrogate_lr`` with crop + flip,
+  batch 128 and weight decay 2e-4 (those two as MadryLab/cifar10_challenge, config.json),
+  against PGD with Madry et al.'s CIFAR-10 training adversary (ε = 8/255, 7 steps of 2/255).
 * PGD uses a random start (Madry et al.) drawn from ``poison_seed``; ε 8/255, step 2/255 and 10
   steps are the defaults (ε 16/255, step 1.5/255 and up to 100 steps are also common settings).
 * Reduced amplitude: the trigger pixels move toward the checkerboard by a fraction ``amplitude``
