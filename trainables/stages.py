@@ -209,6 +209,15 @@ def _progress_prefix(progress: Callable[[str], None], prefix: str) -> Callable[[
 
 # ============================================================================ attack stage
 
+def stage_model(spec: AttackStageSpec, cache, data_root, rt: Runtime, progress: Callable[[str], None],
+                epoch_eval_size: int, checkpoint_every: int = 1) -> nn.Module:
+    """The model of another stage another one needs (a clean model to fit on, a twin), from the
+    cache or trained into it."""
+    return prepare(load_model(run_attack_stage(spec, cache, data_root=data_root, rt=rt, progress=progress,
+                                               epoch_eval_size=epoch_eval_size,
+                                               checkpoint_every=checkpoint_every)), rt)
+
+
 def run_attack_stage(spec: AttackStageSpec, cache: str | Path | ArtifactCache, *, data_root: str | None = None,
                      rt: Runtime | None = None, progress: Callable[[str], None] = print,
                      epoch_eval_size: int = 2000, checkpoint_every: int = 1) -> Path:
@@ -257,9 +266,8 @@ def build_attack_stage(spec: AttackStageSpec, out: Path, cache: str | Path | Art
     # TrojanNN, CLA and CheatKD fit on a clean model of the same data/model/budget: its own
     # cached stage, so every attack (and every sweep) that needs it shares one training run
     ctx = FitContext(rt=rt, dataset=dataset, seed=spec.seed, progress=progress,
-                     clean_model=lambda: prepare(load_model(
-                         run_attack_stage(spec.clean(), cache, data_root=data_root, rt=rt, progress=progress,
-                                          epoch_eval_size=epoch_eval_size, checkpoint_every=checkpoint_every)), rt))
+                     clean_model=lambda: stage_model(spec.clean(), cache, data_root, rt, progress, epoch_eval_size,
+                                                     checkpoint_every))
     if spec.attack != "none":
         cls = registry.get_attack(spec.attack)
         attack = cls(make_params(cls.Params, spec.attack_params), dataset)
@@ -386,8 +394,7 @@ def _twin_loader(art: AttackArtifact, cache, data_root, rt: Runtime, progress: C
 
     def load() -> nn.Module:
         progress(f"twin stage {twin.attack} seed {twin.seed} ({twin.hash()[:8]})")
-        return prepare(load_model(run_attack_stage(twin, cache, data_root=data_root, rt=rt, progress=progress,
-                                                   epoch_eval_size=epoch_eval_size)), rt)
+        return stage_model(twin, cache, data_root, rt, progress, epoch_eval_size)
     return load
 
 
