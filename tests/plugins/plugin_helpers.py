@@ -1,10 +1,32 @@
-"""What the test plugins share: a once-only claim between processes, and a pause that holds a
-trial until the test kills the sweep."""
+"""What the test plugins share: fine-tuning that logs each stage it defends, a once-only claim
+between processes, and a pause that holds a trial until the test kills the sweep."""
 import glob
 import os
 import threading
 import time
 from pathlib import Path
+
+from trainables.defenses.ft import FineTuning
+
+
+def log_defended_stages(case, out_dir: Path, before=None, after=None):
+    """Wrap ``FineTuning.run`` in this trial's worker process: ``before(lr, ctx, trials)`` runs
+    first; every stage the trial finishes is appended to ``defended.log`` in the trials folder as
+    "<lr> <stage seed>"; ``after(lr, ctx, model)`` may replace the model it returns."""
+    lr = case.params_dict.get("lr")
+    trials = out_dir.parent
+    trials.mkdir(parents=True, exist_ok=True)
+    run = FineTuning.run
+
+    def logged_run(self, ctx):
+        if before is not None:
+            before(lr, ctx, trials)
+        model = run(self, ctx)
+        with open(trials / "defended.log", "a") as f:
+            f.write(f"{lr} {ctx.seed}\n")
+        return model if after is None else after(lr, ctx, model)
+
+    FineTuning.run = logged_run
 
 
 def claim(marker: Path) -> bool:

@@ -4,10 +4,9 @@ the trials folder); fine-tuning at lr 0.2 returns an untrained model, so that ea
 stops it at its first rung. Every stage a fine-tuning trial finishes is appended to
 ``defended.log`` in the trials folder as "<lr> <stage seed>"."""
 
-from trainables.defenses.ft import FineTuning
 from trainables.plugins import register_trial_hook
 
-from plugin_helpers import claim
+from plugin_helpers import claim, log_defended_stages
 
 CRASH_LR, WEAK_LR = 0.15, 0.2
 
@@ -18,17 +17,11 @@ class NodeLost(RuntimeError):
 
 @register_trial_hook
 def stage_faults(case, out_dir):
-    lr = case.params_dict.get("lr")
-    trials = out_dir.parent
-    trials.mkdir(parents=True, exist_ok=True)
-    run = FineTuning.run
-
-    def faulty_run(self, ctx):
+    def crash_once_at_second_stage(lr, ctx, trials):
         if lr == CRASH_LR and ctx.seed != 0 and claim(trials / ".injected-crash"):
             raise NodeLost(f"injected crash at the stage of seed {ctx.seed}")
-        model = run(self, ctx)
-        with open(trials / "defended.log", "a") as f:
-            f.write(f"{lr} {ctx.seed}\n")
+
+    def weak_model(lr, ctx, model):
         return ctx.build_model() if lr == WEAK_LR else model
 
-    FineTuning.run = faulty_run          # this trial's worker process only
+    log_defended_stages(case, out_dir, before=crash_once_at_second_stage, after=weak_model)
