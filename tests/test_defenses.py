@@ -387,6 +387,9 @@ def test_the_teacher_schedule_is_constant_or_drops_to_a_tenth(name):
       0.9: 0.9, 1.0: 0.9}, 0.6),
     # 0.4 and 0.6 both keep it: the tie goes to the smaller t
     ({**{t / 10: 0.9 for t in range(11)}, 0.5: 0.5}, 0.4),
+    # 0.3 and 0.7 keep it, 0.4-0.6 do not: the smaller t again (a measured curve of a BadNets twin)
+    ({0.0: 0.853, 0.1: 0.905, 0.2: 0.900, 0.3: 0.862, 0.4: 0.811, 0.5: 0.762, 0.6: 0.846, 0.7: 0.876,
+      0.8: 0.899, 0.9: 0.905, 1.0: 0.874}, 0.3),
     # no point keeps it: the most accurate one
     ({**{t / 10: 0.5 for t in range(11)}, 0.0: 0.95, 1.0: 0.9, 0.2: 0.6}, 0.2),
 ])

@@ -146,7 +146,8 @@ class MCR(Defense):
                for t in (0.0, *T_GRID, 1.0)}
         floor = max(acc[0.0], acc[1.0]) - self.params.t_tolerance
         kept = [t for t in T_GRID if acc[t] >= floor]
-        t = min(kept, key=lambda t: (abs(t - 0.5), t)) if kept else max(T_GRID, key=acc.get)
+        # distances rounded: in floats 0.7 - 0.5 < 0.5 - 0.3, which would break the tie the wrong way
+        t = min(kept, key=lambda t: (round(abs(t - 0.5), 6), t)) if kept else max(T_GRID, key=acc.get)
         ctx.progress("mcr: clean-subset accuracy along the curve " +
                      " ".join(f"t={k:g}:{100 * v:.1f}" for k, v in acc.items()) + f"; chosen t={t:g}")
         return t
